@@ -1,0 +1,165 @@
+"""Model analysis: input roles, the block stack, and how much of the model it is (`inspect`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from omnicache_export import flops as flops_mod
+from omnicache_export.errors import UserError
+from omnicache_export.passes import graph_walk as gw
+from omnicache_export.passes.add_cache_output import value_index
+from omnicache_export.passes.locate_blocks import BlockRegion, BlockStackNotFound, locate_block_stack
+from omnicache_export.passes.static_shapes import bind_input_dims, infer_static_shapes
+from omnicache_export.roles import IOSpec, guess_roles
+
+
+@dataclasses.dataclass
+class ModelAnalysis:
+    io: list[IOSpec]
+    region: BlockRegion
+    n_nodes: int
+    n_region_nodes: int
+    flops_total: int
+    flops_region: int
+    shapes_at: dict[str, list[int]]  # the concrete input shapes the FLOPs were estimated at
+
+    @property
+    def node_share(self) -> float:
+        return self.n_region_nodes / max(1, self.n_nodes)
+
+    @property
+    def flop_share(self) -> float | None:
+        return self.flops_region / self.flops_total if self.flops_total else None
+
+    def role(self, role: str) -> list[IOSpec]:
+        return [s for s in self.io if s.role == role]
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": [s.to_json() for s in self.io if s.role != "output"],
+            "outputs": [s.to_json() for s in self.role("output")],
+            "block_region": {
+                "method": self.region.method,
+                "streams": [dataclasses.asdict(s) for s in self.region.streams],
+                "entry": self.region.streams[0].entry,
+                "exit": self.region.streams[0].exit,
+                "block_lists": self.region.block_lists,
+                "n_blocks": self.region.n_blocks,
+                "n_blocks_estimated": self.region.n_blocks_estimated,
+                "n_nodes": self.n_region_nodes,
+                "node_share": round(self.node_share, 4),
+                "flops": self.flops_region,
+                "flop_share": None if self.flop_share is None else round(self.flop_share, 4),
+            },
+            "n_nodes": self.n_nodes,
+            "flops_total": self.flops_total,
+            "flops_at_input_shapes": self.shapes_at,
+        }
+
+    def summary(self) -> str:
+        lines = ["inputs:"]
+        for s in self.io:
+            if s.role != "output":
+                lines.append(f"  {s.name:<28} {s.role:<13} {s.dtype:<8} {s.shape}")
+        for s in self.role("output"):
+            lines.append(f"output: {s.name} {s.dtype} {s.shape}")
+        r = self.region
+        lines.append(f"block stack ({r.method}):")
+        lists = ", ".join(f"{k} x{v}" for k, v in r.block_lists.items())
+        lines.append(f"  blocks: {'~' if r.n_blocks_estimated else ''}{r.n_blocks}" + (f" ({lists})" if lists else ""))
+        for i, s in enumerate(r.streams):
+            kind = f"residual over {s.entry}" if s.entry else "direct reuse"
+            lines.append(f"  stream {i}: exit {s.exit} {s.shape}, {kind}")
+        lines.append(f"  nodes: {self.n_region_nodes} of {self.n_nodes} ({100 * self.node_share:.1f} %)")
+        if self.flop_share is not None:
+            lines.append(
+                f"  estimated FLOPs: {self.flops_region:.3g} of {self.flops_total:.3g} "
+                f"({100 * self.flop_share:.1f} %) at {self.shapes_at}"
+            )
+        return "\n".join(lines)
+
+
+def removed_by_cut(graph: ir.Graph, region: BlockRegion) -> set[ir.Node]:
+    """The nodes a cache step no longer runs: not needed for the outputs once the exits are given."""
+    values = value_index(graph)
+    exits = {values[s.exit] for s in region.streams}
+    live: set[ir.Node] = gw.value_ancestors([values[s.entry] for s in region.streams if s.entry])
+    stack = [v.producer() for v in graph.outputs if v not in exits]
+    while stack:
+        node = stack.pop()
+        if node is None or node in live:
+            continue
+        live.add(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None and v not in exits)
+    return {n for n in graph if n not in live}
+
+
+def symbolic_batch_dims(shape: list, doubled: tuple[int, ...] | None) -> list:
+    """Dims that double with the batch become `batch` (or `batch*k`, e.g. batch times frames)."""
+    if doubled is None or len(doubled) != len(shape):
+        return shape
+    out = []
+    for d, d2 in zip(shape, doubled):
+        if isinstance(d, int) and d2 == 2 * d:
+            out.append("batch" if d == 1 else f"batch*{d}")
+        else:
+            out.append(d)
+    return out
+
+
+def make_shape_of(model: ir.Model, static: dict[str, tuple[int, ...]]):
+    def shape_of(value: ir.Value) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if value.name in static:
+            return static[value.name]
+        if value.const_value is not None:
+            return tuple(value.const_value.shape.numpy())
+        if value.shape is not None and all(isinstance(d, int) for d in value.shape.dims):
+            return tuple(value.shape.dims)
+        return None
+
+    return shape_of
+
+
+def analyze(
+    model: ir.Model,
+    latent: str | None = None,
+    timestep: str | None = None,
+    region_start: str | None = None,
+    region_end: str | None = None,
+    input_dims: dict[str, list[int | None]] | None = None,
+    batch: int = 1,
+) -> ModelAnalysis:
+    io = guess_roles(model, latent, timestep)
+    bound = bind_input_dims(model, input_dims, batch)
+    static = infer_static_shapes(model, bound)
+    shape_of = make_shape_of(model, static)
+    latents = [s.name for s in io if s.role == "latent"]
+    try:
+        region = locate_block_stack(model, shape_of, latents, region_start, region_end)
+    except BlockStackNotFound as exc:
+        raise UserError(str(exc)) from None
+    # A second inference at twice the batch tells which dims of each cache tensor scale with it.
+    doubled = infer_static_shapes(model, bind_input_dims(model, input_dims, 2 * batch))
+    for stream in region.streams:
+        stream.shape = symbolic_batch_dims(stream.shape, doubled.get(stream.exit))
+    graph = model.graph
+    removed = removed_by_cut(graph, region)
+    total = inside = 0
+    for node in graph:
+        f = flops_mod.node_flops(node, shape_of) or 0
+        total += f
+        if node in removed:
+            inside += f
+    return ModelAnalysis(
+        io=io,
+        region=region,
+        n_nodes=len(graph),
+        n_region_nodes=len(removed),
+        flops_total=total,
+        flops_region=inside,
+        shapes_at={k: list(v) for k, v in bound.items()},
+    )

@@ -1,0 +1,114 @@
+"""Loading and saving ONNX models through onnx_ir, safely.
+
+Loading is lazy (external weights are memory-mapped, never read whole), and refuses external
+data that points outside the model's folder. Saving writes into a temporary folder next to the
+destination and renames it at the end, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx_ir as ir
+
+from omnicache_export.errors import UserError
+
+# Protobuf cannot hold more than 2 GiB: past this, weights must go to a side file.
+_INLINE_LIMIT_BYTES = 1 << 30
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model lazily, with one clear error for anything that is not a usable model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises several unrelated types on garbage input
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if not len(model.graph) or not model.graph.outputs:
+        raise UserError(f"{path}: the ONNX graph is empty")
+    check_external_data(model, path.parent)
+    return model
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            yield value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                yield attr.value
+
+
+def check_external_data(model: ir.Model, base_dir: Path) -> None:
+    """Refuse external data outside the model's folder (a model file must not read arbitrary paths)."""
+    root = base_dir.resolve()
+    for tensor in external_tensors(model):
+        location = Path(tensor.location)
+        target = (root / location).resolve()
+        if location.is_absolute() or (root not in target.parents and target != root):
+            raise UserError(
+                f"external data location {str(tensor.location)!r} of tensor {tensor.name!r} points outside "
+                f"the model's folder {root}"
+            )
+        if not target.is_file():
+            raise UserError(f"external data file {str(tensor.location)!r} of tensor {tensor.name!r} is missing")
+        if target.stat().st_size < tensor.offset + tensor.length:
+            raise UserError(f"external data file {str(tensor.location)!r} is truncated (tensor {tensor.name!r})")
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    return next(external_tensors(model), None) is not None
+
+
+def weight_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def save_model(model: ir.Model, path: Path, external: bool | None = None) -> None:
+    """Save `model`; weights go to `<name>.data` beside it when asked, or when they must (≥ 1 GiB)."""
+    if external is None:
+        external = weight_bytes(model) >= _INLINE_LIMIT_BYTES
+    ir.save(model, path, external_data=f"{path.name}.data" if external else None)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `out` only if the block finishes without error."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,110 @@
+"""The split job: analyse the model, write `full.onnx` and `cache.onnx`, check and verify them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from omnicache_export import modelio
+from omnicache_export.analysis import ModelAnalysis, analyze
+from omnicache_export.errors import UserError
+from omnicache_export.feeds import synthesize
+from omnicache_export.passes.add_cache_output import AddCacheOutputPass
+from omnicache_export.passes.cache_names import cache_name
+from omnicache_export.passes.cut_block_stack import CutBlockStackPass
+
+logger = logging.getLogger(__name__)
+
+VERIFY_MAX_WEIGHT_BYTES = 1 << 30  # numeric verification runs both graphs once on the CPU
+
+
+@dataclasses.dataclass
+class SplitResult:
+    out_dir: Path
+    analysis: ModelAnalysis
+    verification: dict
+
+
+def build_graphs(path: Path, analysis: ModelAnalysis) -> tuple[ir.Model, ir.Model]:
+    """Two independent lazy loads (weights stay memory-mapped), one rewritten into each graph."""
+    full = modelio.load_model(path)
+    AddCacheOutputPass(analysis.region)(full)
+    cache = modelio.load_model(path)
+    CutBlockStackPass(analysis.region)(cache)
+    return full, cache
+
+
+def check_saved(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path))  # by path: works past 2 GB with external data
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+
+
+def verify(source: Path, full: Path, cache: Path, analysis: ModelAnalysis, seed: int = 0) -> dict:
+    """Run source, full and cache on one synthesized input: full must equal the source, cache must
+    reproduce it from full's `omnicache_cache`. Returns the max relative errors."""
+    from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
+
+    feeds = synthesize(analysis.io, analysis.shapes_at, seed=seed)
+    out_name = analysis.role("output")[0].name
+    with OnnxRuntimeEngine(source) as e:
+        ref = e.run(feeds)[out_name]
+    with OnnxRuntimeEngine(full) as e:
+        full_out = e.run(feeds)
+    with OnnxRuntimeEngine(cache) as e:
+        cache_feeds = {s.name: full_out[s.name] if s.name in full_out else feeds[s.name] for s in e.inputs}
+        cache_out = e.run(cache_feeds)[out_name]
+    scale = float(np.abs(ref).max()) or 1.0
+    return {
+        "full_vs_source_max_rel_err": float(np.abs(full_out[out_name] - ref).max() / scale),
+        "cache_vs_source_max_rel_err": float(np.abs(cache_out - ref).max() / scale),
+        "inputs": {k: list(v.shape) for k, v in feeds.items()},
+    }
+
+
+def split(
+    model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    latent: str | None = None,
+    timestep: str | None = None,
+    region_start: str | None = None,
+    region_end: str | None = None,
+    input_dims: dict[str, list[int | None]] | None = None,
+    force: bool = False,
+    numeric_check: bool | None = None,
+) -> SplitResult:
+    model_path = Path(model_path)
+    source = modelio.load_model(model_path)
+    analysis = analyze(source, latent, timestep, region_start, region_end, input_dims)
+    external = modelio.uses_external_data(source)
+    with modelio.atomic_output_dir(out_dir, force=force) as tmp:
+        full, cache = build_graphs(model_path, analysis)
+        for name, model in (("full.onnx", full), ("cache.onnx", cache)):
+            modelio.save_model(model, tmp / name, external=external or None)
+            check_saved(tmp / name)
+        verification: dict = {"onnx_checker": "passed"}
+        if numeric_check is None:
+            numeric_check = modelio.weight_bytes(source) <= VERIFY_MAX_WEIGHT_BYTES
+        if numeric_check:
+            try:
+                verification.update(verify(model_path, tmp / "full.onnx", tmp / "cache.onnx", analysis))
+            except ValueError as exc:
+                verification["numeric"] = f"skipped: {exc}"
+        else:
+            verification["numeric"] = "skipped (weights over 1 GiB, or --no-verify)"
+        report = {
+            "source": {"path": str(model_path), "sha256": modelio.sha256_file(model_path)},
+            "analysis": analysis.to_json(),
+            "cache_tensors": [cache_name(i) for i in range(len(analysis.region.streams))],
+            "verification": verification,
+        }
+        (tmp / "split.json").write_text(json.dumps(report, indent=2) + "\n")
+    return SplitResult(Path(out_dir), analysis, verification)

@@ -1,0 +1,1 @@
+"""Tiny diffusers DiTs and their ONNX exports, for examples, tests and benchmarks."""

@@ -1,0 +1,82 @@
+"""Static shape inference: every value's concrete shape for one choice of the dynamic input dims.
+
+Exports keep the batch (and sometimes more) symbolic, and each exporter names symbolic dims its own
+way, so symbolic shapes cannot be compared across the graph. Binding the dynamic input dims to
+numbers and running ONNX shape inference with data propagation resolves nearly every shape.
+Large initializers are turned into typed graph inputs first, so this never copies the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+_KEEP_INITIALIZER_ELEMENTS = 4096  # small constants (shape tensors) stay: data propagation needs them
+
+
+def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
+    proto = ir.serde.serialize_model(model)
+    keep = []
+    for init in proto.graph.initializer:
+        numel = 1
+        for d in init.dims:
+            numel *= d
+        if numel <= _KEEP_INITIALIZER_ELEMENTS and init.data_location != onnx.TensorProto.EXTERNAL:
+            keep.append(init)
+            continue
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return proto
+
+
+def bind_input_dims(model: ir.Model, dims: dict[str, list[int | None]] | None, batch: int) -> dict[str, Shape]:
+    """Concrete input shapes: explicit `dims` per input, else the batch for a dynamic axis 0."""
+    bound: dict[str, Shape] = {}
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        given = (dims or {}).get(value.name)
+        shape = []
+        for axis, dim in enumerate(value.shape.dims if value.shape is not None else []):
+            if given is not None and axis < len(given) and given[axis] is not None:
+                shape.append(int(given[axis]))
+            elif isinstance(dim, int):
+                shape.append(dim)
+            elif axis == 0:
+                shape.append(batch)
+            else:
+                shape.append(-1)
+        bound[value.name] = tuple(shape)
+    return bound
+
+
+def infer_static_shapes(model: ir.Model, input_shapes: dict[str, Shape]) -> dict[str, Shape]:
+    """Value name -> concrete shape, for the values whose shape inference could resolve fully."""
+    proto = _weightless_proto(model)
+    for inp in proto.graph.input:
+        shape = input_shapes.get(inp.name)
+        if shape is None or any(d < 0 for d in shape):
+            continue
+        tensor_shape = inp.type.tensor_type.shape
+        del tensor_shape.dim[:]
+        for d in shape:
+            tensor_shape.dim.add().dim_value = d
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort: callers fall back to symbolic shapes
+        logger.warning("static shape inference failed: %s", exc)
+        return {}
+    result: dict[str, Shape] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape") and all(
+            d.HasField("dim_value") for d in dims
+        ):
+            result[info.name] = tuple(d.dim_value for d in dims)
+    return result
