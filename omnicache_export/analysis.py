@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import onnx_ir as ir
 
@@ -11,8 +12,13 @@ from omnicache_export.errors import UserError
 from omnicache_export.passes import graph_walk as gw
 from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.locate_blocks import BlockRegion, BlockStackNotFound, locate_block_stack
-from omnicache_export.passes.static_shapes import bind_input_dims, infer_static_shapes
+from omnicache_export.feeds import synthesize
+from omnicache_export.modelio import weight_bytes
+from omnicache_export.passes.static_shapes import bind_input_dims, infer_static_shapes, probe_shapes
 from omnicache_export.roles import IOSpec, guess_roles
+
+logger = logging.getLogger(__name__)
+PROBE_MAX_WEIGHT_BYTES = 256 << 20
 
 
 @dataclasses.dataclass
@@ -24,6 +30,9 @@ class ModelAnalysis:
     flops_total: int
     flops_region: int
     shapes_at: dict[str, list[int]]  # the concrete input shapes the FLOPs were estimated at
+    # every value's static shape at the batch above and at twice it (which dims scale with the batch)
+    shapes_b1: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict, repr=False)
+    shapes_b2: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def node_share(self) -> float:
@@ -92,7 +101,8 @@ def removed_by_cut(graph: ir.Graph, region: BlockRegion) -> set[ir.Node]:
         if node is None or node in live:
             continue
         live.add(node)
-        stack.extend(v.producer() for v in node.inputs if v is not None and v not in exits)
+        if node.op_type not in ("Shape", "Size"):  # shape reads of cut values are rebuilt by the cut
+            stack.extend(v.producer() for v in node.inputs if v is not None and v not in exits)
     return {n for n in graph if n not in live}
 
 
@@ -136,15 +146,31 @@ def analyze(
     io = guess_roles(model, latent, timestep)
     bound = bind_input_dims(model, input_dims, batch)
     static = infer_static_shapes(model, bound)
+    doubled_dims = bind_input_dims(model, input_dims, 2 * batch)
+    doubled = infer_static_shapes(model, doubled_dims)
+    missing = [v.name for n in model.graph for v in n.outputs if v.name not in static or v.name not in doubled]
+    if missing and weight_bytes(model) <= PROBE_MAX_WEIGHT_BYTES:
+        # Shape inference gave up somewhere; a small model is cheaper to measure than to guess.
+        try:
+            static.update(probe_shapes(model, synthesize(io, {k: list(v) for k, v in bound.items()}), missing))
+            doubled.update(probe_shapes(model, synthesize(io, {k: list(v) for k, v in doubled_dims.items()}), missing))
+        except Exception as exc:  # dynamic dims without hints, or a model ORT cannot run
+            logger.info("shape probe failed: %s", exc)
     shape_of = make_shape_of(model, static)
     latents = [s.name for s in io if s.role == "latent"]
     try:
         region = locate_block_stack(model, shape_of, latents, region_start, region_end)
     except BlockStackNotFound as exc:
         raise UserError(str(exc)) from None
-    # A second inference at twice the batch tells which dims of each cache tensor scale with it.
-    doubled = infer_static_shapes(model, bind_input_dims(model, input_dims, 2 * batch))
+    # The second inference at twice the batch tells which dims of each cache tensor scale with it.
     for stream in region.streams:
+        if not stream.shape and model.graph.node(0) is not None:
+            exit_value = value_index(model.graph)[stream.exit]
+            if exit_value.shape is None:
+                raise UserError(
+                    f"cannot infer the shape of the block stack's output {stream.exit!r}; "
+                    "give the dynamic input shapes with --input-shape NAME=D0,D1,..."
+                )
         stream.shape = symbolic_batch_dims(stream.shape, doubled.get(stream.exit))
     graph = model.graph
     removed = removed_by_cut(graph, region)
@@ -162,4 +188,6 @@ def analyze(
         flops_total=total,
         flops_region=inside,
         shapes_at={k: list(v) for k, v in bound.items()},
+        shapes_b1=static,
+        shapes_b2=doubled,
     )

@@ -36,7 +36,8 @@ def build_graphs(path: Path, analysis: ModelAnalysis) -> tuple[ir.Model, ir.Mode
     full = modelio.load_model(path)
     AddCacheOutputPass(analysis.region)(full)
     cache = modelio.load_model(path)
-    CutBlockStackPass(analysis.region)(cache)
+    latent = next((s.name for s in analysis.io if s.role == "latent"), None)
+    CutBlockStackPass(analysis.region, latent, (analysis.shapes_b1, analysis.shapes_b2))(cache)
     return full, cache
 
 

@@ -41,7 +41,7 @@ class AddCacheOutputPass(ir.passes.InPlacePass):
         values = value_index(graph)
         for i, stream in enumerate(self.region.streams):
             exit_value = values[stream.exit]
-            type_, shape = stream_type(stream)
+            type_, shape = stream_type(stream, exit_value)
             out = ir.Value(name=cache_name(i), shape=shape, type=type_)
             if stream.entry is not None:
                 node = ir.node("Sub", [exit_value, values[stream.entry]], outputs=[out], name=f"omnicache/residual_{i}")

@@ -8,10 +8,17 @@ def cache_name(index: int) -> str:
     return CACHE if index == 0 else f"{CACHE}_{index}"
 
 
-def stream_type(stream) -> tuple:
-    """(ir type, ir shape) of a cache tensor, from the stream's recorded dtype and shape."""
+def stream_type(stream, exit_value) -> tuple:
+    """(ir type, ir shape) of a cache tensor.
+
+    The exporter's own annotation of h_L wins: concrete dims where the graph had symbolic ones can
+    break type inference of dead If branches (TorchScript's `if x.ndim == 4: x = x.squeeze(1)`).
+    Without one, the shape the analysis inferred, batch-dependent dims symbolic.
+    """
     import onnx_ir as ir
 
+    type_ = exit_value.type or ir.TensorType(ir.DataType[stream.dtype])
+    if exit_value.shape is not None:
+        return type_, exit_value.shape
     dims = [d if isinstance(d, int) else (str(d) if d else None) for d in stream.shape]
-    shape = ir.Shape(dims) if stream.shape else None
-    return ir.TensorType(ir.DataType[stream.dtype]), shape
+    return type_, ir.Shape(dims) if stream.shape else None

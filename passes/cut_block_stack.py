@@ -17,13 +17,18 @@ from onnx_ir.passes.common import TopologicalSortPass
 from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.cache_names import cache_name, stream_type
 from omnicache_export.passes.locate_blocks import BlockRegion
+from omnicache_export.passes.fold_shape_if import FoldShapeIfPass
+from omnicache_export.passes.materialize_shape_reads import MaterializeShapeReadsPass
 from omnicache_export.passes.prune import PruneDeadPass
 
 
 class CutBlockStackPass(ir.passes.InPlacePass):
-    def __init__(self, region: BlockRegion):
+    def __init__(self, region: BlockRegion, batch_input: str | None = None, shapes: tuple[dict, dict] | None = None):
+        """`batch_input` and `shapes` (static shapes at batch 1 and 2) let shape reads of cut values be rebuilt."""
         super().__init__()
         self.region = region
+        self.batch_input = batch_input
+        self.shapes = shapes
 
     def requires(self, model: ir.Model) -> None:
         values = value_index(model.graph)
@@ -38,7 +43,7 @@ class CutBlockStackPass(ir.passes.InPlacePass):
         cache_inputs = []
         for i, stream in enumerate(self.region.streams):
             exit_value = values[stream.exit]
-            type_, shape = stream_type(stream)
+            type_, shape = stream_type(stream, exit_value)
             cache = ir.Value(name=cache_name(i), shape=shape, type=type_)
             graph.inputs.append(cache)
             cache_inputs.append(cache.name)
@@ -55,6 +60,10 @@ class CutBlockStackPass(ir.passes.InPlacePass):
                 restored.name, exit_value.name = exit_value.name, f"{exit_value.name}_cut"
         # The restore Adds were appended at the end: sort before pruning, which sweeps in reverse order.
         TopologicalSortPass()(model)
+        if self.shapes:
+            FoldShapeIfPass(*self.shapes)(model)
+            if self.batch_input:
+                MaterializeShapeReadsPass(self.batch_input, *self.shapes)(model)
         PruneDeadPass(keep_inputs=tuple(cache_inputs))(model)
         return ir.passes.PassResult(model, modified=True)
 

@@ -59,3 +59,16 @@ def depends_on(value: ir.Value, sources: Iterable[ir.Value]) -> bool:
 def region_nodes(entries: Iterable[ir.Value], exits: Iterable[ir.Value]) -> set[ir.Node]:
     """Nodes downstream of any entry and upstream of (or producing) any exit."""
     return value_descendants(entries) & value_ancestors(exits)
+
+
+def data_dependent(graph: ir.Graph) -> set[ir.Node]:
+    """Nodes whose output data depend on a graph input's values (reading only its shape does not count)."""
+    seen: set[ir.Node] = set()
+    stack = [c for v in graph.inputs if not v.is_initializer() for c in v.consumers()]
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op_type in ("Shape", "Size"):
+            continue
+        seen.add(node)
+        stack.extend(c for out in node.outputs for c in out.consumers())
+    return seen

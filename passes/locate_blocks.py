@@ -114,6 +114,12 @@ def _is_constant(value: ir.Value) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
+def _strip_casts(value: ir.Value) -> ir.Value:
+    while value.producer() is not None and value.producer().op_type in ("Cast", "Identity"):
+        value = value.producer().inputs[0]
+    return value
+
+
 def _bounded_ancestors(value: ir.Value, floor: int, order: dict[ir.Node, int]) -> set[ir.Node]:
     """Ancestors of `value` no earlier than topological position `floor` (the span of one branch)."""
     seen: set[ir.Node] = set()
@@ -123,7 +129,8 @@ def _bounded_ancestors(value: ir.Value, floor: int, order: dict[ir.Node, int]) -
         if node is None or node in seen or order.get(node, -1) < floor:
             continue
         seen.add(node)
-        stack.extend(v.producer() for v in node.inputs if v is not None)
+        if node.op_type not in ("Shape", "Size"):  # reading a shape is no data dependence
+            stack.extend(v.producer() for v in node.inputs if v is not None)
     return seen
 
 
@@ -134,58 +141,69 @@ class _Residual:
     branch_has_attention: bool
 
 
-def residual_adds(graph: ir.Graph, order: dict[ir.Node, int]) -> list[_Residual]:
-    """Adds of the form x + f(x): one operand is an ancestor of the other."""
+def residual_adds(graph: ir.Graph, order: dict[ir.Node, int], dynamic: set[ir.Node]) -> list[_Residual]:
+    """Adds of the form x + f(x) on data (not shape arithmetic): one operand is an ancestor of the other."""
     found = []
     for node in graph:
-        if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None or _is_constant(v) for v in node.inputs):
+        if node.op_type != "Add" or node not in dynamic or len(node.inputs) != 2:
+            continue
+        if any(v is None or _is_constant(v) for v in node.inputs):
             continue
         a, b = node.inputs
         pa, pb = a.producer(), b.producer()
         pos_a = order.get(pa, -1) if pa is not None else -1
         pos_b = order.get(pb, -1) if pb is not None else -1
         skip, other = (a, b) if pos_a <= pos_b else (b, a)
-        floor = order.get(skip.producer(), -1) if skip.producer() is not None else -1
+        # `x.float() + f(x.float())` may cast twice: compare the stream beneath casts.
+        root = _strip_casts(skip)
+        floor = order.get(root.producer(), -1) if root.producer() is not None else -1
         branch = _bounded_ancestors(other, floor, order)
-        reaches_skip = any(skip in n.inputs for n in branch)
+        reaches_skip = any(skip in n.inputs or root in n.inputs for n in branch)
         if reaches_skip:
             found.append(_Residual(node, skip, any(n.op_type in gw.ATTENTION_OPS for n in branch)))
     return found
 
 
-def _reaches(start: ir.Value, target: ir.Value, max_hops: int = 12) -> bool:
-    """Does `start` flow into `target` through pass-through ops only (the stream between two residuals)?"""
-    frontier = [(start, 0)]
-    seen = set()
+def _reaches(start: ir.Value, target: ir.Value, static: set[ir.Node], max_hops: int = 12, max_compute: int = 3) -> bool:
+    """Does `start` flow into `target` along the stream between two residuals?
+
+    Layout ops, slices, concatenations and adding or scaling by a constant (a positional embedding,
+    even one computed in the graph from constants only: `static` holds the nodes that depend on no
+    graph input) pass the stream through freely. A few other ops may sit between two residuals too
+    (HunyuanDiT's long skips: concat, norm, linear), but no attention.
+    """
+    frontier = [(start, 0, 0)]
+    seen: set[tuple[ir.Value, int]] = set()
     while frontier:
-        value, hops = frontier.pop()
+        value, hops, compute = frontier.pop()
         if value is target:
             return True
-        if hops >= max_hops or value in seen:
+        if hops >= max_hops or (value, compute) in seen:
             continue
-        seen.add(value)
+        seen.add((value, compute))
         for node in value.consumers():
             passthrough = node.op_type in _PASSTHROUGH or (
-                node.op_type in ("Add", "Sub", "Mul") and any(_is_constant(v) for v in node.inputs if v is not None)
+                node.op_type in ("Add", "Sub", "Mul")
+                and any(_is_constant(v) or v.producer() in static for v in node.inputs if v is not None)
             )
-            if passthrough:
-                frontier.extend((out, hops + 1) for out in node.outputs)
+            cost = 0 if passthrough else 1
+            if node.op_type not in gw.ATTENTION_OPS and compute + cost <= max_compute:
+                frontier.extend((out, hops + 1, compute + cost) for out in node.outputs)
     return False
 
 
 def residual_stream(graph: ir.Graph) -> tuple[list[_Residual], int]:
     """The longest chain of residual Adds that carry attention; and an estimate of its block count."""
     order = _topo_index(graph)
-    residuals = residual_adds(graph, order)
-    by_skip: dict[ir.Value, list[int]] = defaultdict(list)
-    for i, r in enumerate(residuals):
-        by_skip[r.skip].append(i)
+    dynamic = gw.data_dependent(graph)
+    static = {n for n in graph if n not in dynamic}
+    residuals = residual_adds(graph, order, dynamic)
     # Longest path over "r_i's output flows into r_j's skip", residuals already in topological order.
     best = [1] * len(residuals)
     prev = [-1] * len(residuals)
     for j, rj in enumerate(residuals):
         for i in range(j):
-            if best[i] + 1 > best[j] and _reaches(residuals[i].node.outputs[0], rj.skip):
+            if best[i] + 1 > best[j] and _reaches(residuals[i].node.outputs[0], rj.skip, static):
                 best[j], prev[j] = best[i] + 1, i
     if not residuals:
         return [], 0
@@ -251,8 +269,12 @@ def _trace_back(value: ir.Value, region: set[ir.Node]) -> ir.Value | None:
 def _forward_layout_chain(value: ir.Value) -> list[ir.Value]:
     """Values reached from `value` through single-consumer layout/slice ops (how a stack output may be reshaped)."""
     chain = []
-    while len(value.consumers()) == 1 and not value.is_graph_output():
-        node = value.consumers()[0]
+    while not value.is_graph_output():
+        # Shape reads do not consume the data; the cut rebuilds them (MaterializeShapeReadsPass).
+        readers = [c for c in value.consumers() if c.op_type not in ("Shape", "Size")]
+        if len(readers) != 1:
+            break
+        node = readers[0]
         if node.op_type not in gw.LAYOUT_OPS | {"Slice"} or len(node.outputs) != 1:
             break
         value = node.outputs[0]
@@ -360,7 +382,7 @@ def locate_block_stack(
             "no transformer block stack found: no module list with attention in the node scopes and no "
             "residual stream of attention blocks (name it with --region-start/--region-end)"
         )
-    start, end = chain[0].skip, chain[-1].node.outputs[0]
+    start, end = _strip_casts(chain[0].skip), chain[-1].node.outputs[0]
     region = gw.region_nodes([start], [end])
     streams = pair_streams(region, graph, shape_of, latents)
     return BlockRegion("residual stream (structure)", streams, {}, n_blocks, n_blocks_estimated=True)

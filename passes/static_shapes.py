@@ -32,6 +32,10 @@ def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
         proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
+    # The exporter's symbolic annotations would be merged into (and mask) the concrete result.
+    del proto.graph.value_info[:]
+    for out in proto.graph.output:
+        out.type.tensor_type.ClearField("shape")
     return proto
 
 
@@ -56,8 +60,24 @@ def bind_input_dims(model: ir.Model, dims: dict[str, list[int | None]] | None, b
     return bound
 
 
+def _collect(proto: onnx.ModelProto) -> dict[str, Shape]:
+    result: dict[str, Shape] = {}
+    for info in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
+        tensor_type = info.type.tensor_type
+        if not info.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+            continue
+        dims = tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            result[info.name] = tuple(d.dim_value for d in dims)
+    return result
+
+
 def infer_static_shapes(model: ir.Model, input_shapes: dict[str, Shape]) -> dict[str, Shape]:
-    """Value name -> concrete shape, for the values whose shape inference could resolve fully."""
+    """Value name -> concrete shape, for the values whose shape inference could resolve fully.
+
+    ONNX Runtime's symbolic shape inference resolves computed Slice bounds and shape arithmetic that
+    ONNX's own data propagation gives up on; ONNX's runs too and fills what the other missed.
+    """
     proto = _weightless_proto(model)
     for inp in proto.graph.input:
         shape = input_shapes.get(inp.name)
@@ -67,16 +87,30 @@ def infer_static_shapes(model: ir.Model, input_shapes: dict[str, Shape]) -> dict
         del tensor_shape.dim[:]
         for d in shape:
             tensor_shape.dim.add().dim_value = d
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is best effort: callers fall back to symbolic shapes
-        logger.warning("static shape inference failed: %s", exc)
-        return {}
     result: dict[str, Shape] = {}
-    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape") and all(
-            d.HasField("dim_value") for d in dims
-        ):
-            result[info.name] = tuple(d.dim_value for d in dims)
+    try:
+        result.update(_collect(onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)))
+    except Exception as exc:  # best effort: callers fall back to symbolic shapes
+        logger.info("ONNX shape inference failed: %s", exc)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        result.update(_collect(SymbolicShapeInference.infer_shapes(proto, auto_merge=True)))
+    except Exception as exc:
+        logger.info("ONNX Runtime symbolic shape inference failed: %r", exc)
     return result
+
+
+def probe_shapes(model: ir.Model, feeds: dict, names: list[str]) -> dict[str, Shape]:
+    """Shapes of `names` measured by one ONNX Runtime run (for small models shape inference failed on)."""
+    import onnxruntime as ort
+
+    proto = ir.serde.serialize_model(model)
+    known = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in known:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name: feeds[i.name] for i in session.get_inputs()}
+    outputs = session.run(names, wanted)
+    return {name: tuple(out.shape) for name, out in zip(names, outputs) if hasattr(out, "shape")}

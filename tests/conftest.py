@@ -1,0 +1,36 @@
+"""Shared fixtures: zoo exports made once per test session, and an ONNX Runtime runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+
+def run_ort(path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a graph on the CPU, feeding only the inputs it declares."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name: feeds[i.name] for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, wanted)))
+
+
+def max_rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / max(float(np.abs(expected).max()), 1e-12))
+
+
+@pytest.fixture(scope="session")
+def zoo_export(tmp_path_factory):
+    """zoo_export(family, exporter, external_data=False) -> path of a cached export."""
+    from omnicache_export.zoo.export import export_family
+
+    made: dict[tuple, object] = {}
+
+    def get(family: str, exporter: str, external_data: bool = False):
+        key = (family, exporter, external_data)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{family}-{exporter}{'-ext' if external_data else ''}")
+            made[key] = export_family(family, folder / "model.onnx", exporter=exporter, external_data=external_data)
+        return made[key]
+
+    return get

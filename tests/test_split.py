@@ -1,0 +1,92 @@
+"""The split on real exports: full keeps the model's numbers, cache reproduces them from the cache
+tensor, and no block of the stack survives in the cache graph. Every family, both exporters."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from conftest import max_rel_err, run_ort
+from omnicache_export.passes import graph_walk as gw
+from omnicache_export.passes.scopes import node_scope, split_block_path
+from omnicache_export.split import split
+from omnicache_export.zoo.families import FAMILIES
+
+CASES = [(f, e) for f, fam in FAMILIES.items() for e in fam.exporters]
+
+
+def attention_on_latent(cache_path, latent: str) -> list[str]:
+    """Attention ops of the cache graph that see the latent (conditioning poolers may keep theirs)."""
+    model = ir.load(cache_path)
+    on_stream = gw.value_descendants([v for v in model.graph.inputs if v.name == latent])
+    return [n.name for n in model.graph if n.op_type in gw.ATTENTION_OPS and n in on_stream]
+
+
+def stack_nodes_left(cache_path, latent: str) -> list[str]:
+    """Nodes of the cache graph that sit inside a block and on the latent's stream."""
+    model = ir.load(cache_path)
+    latents = [v for v in model.graph.inputs if v.name == latent]
+    on_stream = gw.value_descendants(latents)
+    left = []
+    for node in model.graph:
+        scope, _ = node_scope(node)
+        if node in on_stream and scope and split_block_path(scope) and "block" in split_block_path(scope)[0]:
+            left.append(node.name)
+    return left
+
+
+@pytest.mark.parametrize("family,exporter", CASES, ids=[f"{f}-{e}" for f, e in CASES])
+def test_split_reproduces_model(family, exporter, zoo_export, tmp_path):
+    fam = FAMILIES[family]
+    src = zoo_export(family, exporter)
+    result = split(src, tmp_path / "out")
+    out = tmp_path / "out"
+    assert result.analysis.region.method.startswith("module scopes")
+    assert result.analysis.region.n_blocks >= 2
+
+    feeds = fam.example_inputs(2, 1)
+    ref = run_ort(src, feeds)[fam.output_name]
+    full = run_ort(out / "full.onnx", feeds)
+    assert max_rel_err(full[fam.output_name], ref) <= 1e-5
+    cache_feeds = {**feeds, **{k: v for k, v in full.items() if k.startswith("omnicache_cache")}}
+    cached = run_ort(out / "cache.onnx", cache_feeds)[fam.output_name]
+    assert max_rel_err(cached, ref) <= 1e-4
+
+    latent = [s.name for s in result.analysis.io if s.role == "latent"][0]
+    assert attention_on_latent(out / "cache.onnx", latent) == []
+    assert stack_nodes_left(out / "cache.onnx", latent) == []
+    # the cache step is much cheaper: most estimated FLOPs sit in the stack
+    assert result.analysis.flop_share is None or result.analysis.flop_share > 0.5
+
+
+def strip_scopes(src, dst) -> None:
+    """What metadata-dropping tools leave: no scope metadata, no meaningful node names."""
+    model = ir.load(src)
+    for i, node in enumerate(model.graph):
+        node.name = f"n{i}"
+        node.metadata_props.clear()
+    ir.save(model, dst)
+
+
+STRUCTURE_CASES = [(f, e) for f, e in CASES if e == "torchscript"] + [("dit", "dynamo"), ("sd3", "dynamo")]
+
+
+@pytest.mark.parametrize("family,exporter", STRUCTURE_CASES, ids=[f"{f}-{e}" for f, e in STRUCTURE_CASES])
+def test_split_without_scopes_finds_residual_stream(family, exporter, zoo_export, tmp_path):
+    if (family, exporter) not in CASES:
+        pytest.skip(f"{family} does not export with {exporter}")
+    fam = FAMILIES[family]
+    src = tmp_path / "sanitized.onnx"
+    strip_scopes(zoo_export(family, exporter), src)
+    result = split(src, tmp_path / "out")
+    assert result.analysis.region.method.startswith("residual stream")
+    feeds = fam.example_inputs(2, 3)
+    ref = run_ort(src, feeds)[fam.output_name]
+    full = run_ort(tmp_path / "out" / "full.onnx", feeds)
+    cache_feeds = {**feeds, **{k: v for k, v in full.items() if k.startswith("omnicache_cache")}}
+    cached = run_ort(tmp_path / "out" / "cache.onnx", cache_feeds)[fam.output_name]
+    assert max_rel_err(full[fam.output_name], ref) <= 1e-5
+    assert max_rel_err(cached, ref) <= 1e-4
+    latent = [s.name for s in result.analysis.io if s.role == "latent"][0]
+    assert attention_on_latent(tmp_path / "out" / "cache.onnx", latent) == []
