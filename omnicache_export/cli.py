@@ -1,5 +1,7 @@
 """`omnicache-export`: one verb per job (Polygraphy style).
 
+  omnicache-export MODEL.onnx -o OUT                     the main job (same as `export`)
+  omnicache-export run OUT --inputs FILE.npz --out RESULT.npz
   omnicache-export inspect MODEL.onnx [--json FILE]      input roles and the located block stack
   omnicache-export split MODEL.onnx -o OUT               full.onnx + cache.onnx
   omnicache-export example FAMILY -o MODEL.onnx          a tiny random-weight DiT export to try it on
@@ -75,6 +77,99 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected integers like 4,32,32") from None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from omnicache_export.pipeline import ExportOptions, export
+
+    if args.num_calib < 1:
+        raise UserError("--num-calib must be at least 1")
+    if args.cache_ratio is not None and not 0 <= args.cache_ratio < 1:
+        raise UserError(f"--cache-ratio {args.cache_ratio}: must be in [0, 1)")
+    if args.speedup is not None and args.speedup < 1:
+        raise UserError(f"--speedup {args.speedup}: must be at least 1")
+    if args.max_consecutive < 1:
+        raise UserError("--max-consecutive must be at least 1")
+    opts = ExportOptions(
+        scheduler=args.scheduler,
+        steps=args.steps,
+        calib=args.calib,
+        guidance_scale=args.guidance_scale,
+        num_calib=args.num_calib,
+        seed=args.seed,
+        latent_shape=_ints(args.latent_shape, "--latent-shape"),
+        input_dims=_parse_dims(args.input_shape),
+        timestep_scale=args.timestep_scale,
+        prediction_type=args.prediction_type,
+        cache_ratio=args.cache_ratio,
+        speedup=args.speedup,
+        max_consecutive=args.max_consecutive,
+        allow_last_cached=args.allow_last_cached,
+        filters=not args.no_filters,
+        latent=args.latent,
+        timestep=args.timestep,
+        region_start=args.region_start,
+        region_end=args.region_end,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    out = export(args.model, args.output, opts)
+    manifest = json.loads((out / "omnicache.json").read_text())
+    sched, speed, quality = manifest["schedule"], manifest["speed"], manifest["calibration"]["quality"]
+    print(f"schedule {sched['name']}: {sched['pattern']} ({sched['n_cached']} of {len(sched['full'])} steps cached)")
+    print(f"correction: {manifest['correction']['name']}")
+    print(f"quality vs no cache on the calibration samples: {quality['psnr_db_mean']:.2f} dB PSNR")
+    measured = speed["measured_speedup"]
+    print(f"speedup: predicted {speed['predicted_speedup']:.2f}x, measured {measured:.2f}x (ONNX Runtime, CPU)" if measured else "")
+    print(f"wrote {out}/full.onnx, {out}/cache.onnx, {out}/omnicache.json, {out}/report.html")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from omnicache_export.inputs import batched_inputs, load_conditioning
+    from omnicache_export.roles import IOSpec
+    from omnicache_export.runtime import OmniCache
+
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} already exists (pass --force to replace it)")
+    rt = OmniCache.load(args.folder)
+    try:
+        io = [IOSpec(**s) for s in rt.manifest["io"]["inputs"]]
+        cond = load_conditioning(args.inputs, io, rt.spec.cfg)
+        batched = batched_inputs(io)
+        latents = []
+        full = cached = 0
+        t0 = time.perf_counter()
+        for k in range(cond.n_samples):
+            c, u = cond.take(k, k + 1, batched)
+            gen = rt.generation(c, u, 1, args.seed + k, no_cache=args.no_cache)
+            while not gen.done:
+                gen.step()
+            latents.append(gen.x)
+            full += gen.full_steps
+            cached += gen.cached_steps
+        wall = time.perf_counter() - t0
+    finally:
+        rt.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
+    np.savez(tmp, latent=np.concatenate(latents, axis=0))
+    tmp.replace(args.out)
+    print(json.dumps({"wall_s": round(wall, 4), "full_steps": full, "cached_steps": cached}))
+    return 0
+
+
 def _cmd_example(args: argparse.Namespace) -> int:
     try:
         from omnicache_export.zoo.export import export_family
@@ -95,6 +190,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnicache-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("export", help="the main job: calibrate, split, embed the correction (default verb)")
+    _add_model_options(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (must not exist)")
+    p.add_argument("--scheduler", default="ddim", help="ddim | dpmsolver++ | euler | flow-euler | a scheduler_config.json")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], help="for ddim/dpmsolver++/euler")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    p.add_argument("--calib", type=Path, metavar="FILE.npz", help="conditioning arrays keyed by input name")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (needs uncond/ arrays)")
+    p.add_argument("--num-calib", type=int, default=4, help="calibration samples (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latent-shape", metavar="C,H,W", help="one sample's latent shape where it is dynamic")
+    p.add_argument("--timestep-scale", type=float, default=1.0, help="model timestep = scheduler timestep x this")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--cache-ratio", type=float, help="share of steps to cache (default 0.5)")
+    target.add_argument("--speedup", type=float, help="target speedup, from the measured cost of the two graphs")
+    p.add_argument("--max-consecutive", type=int, default=2, help="longest run of cached steps (default 2)")
+    p.add_argument("--allow-last-cached", action="store_true", help="let the last step be cached")
+    p.add_argument("--no-filters", action="store_true", help="do not try frequency filters in calibration")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_export)
+
+    p = verbs.add_parser("run", help="sample with the exported graphs and the runtime")
+    p.add_argument("folder", type=Path, help="an export's output folder")
+    p.add_argument("--inputs", type=Path, required=True, metavar="FILE.npz", help="conditioning, as for --calib")
+    p.add_argument("--out", type=Path, required=True, metavar="RESULT.npz", help="final latents under key 'latent'")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first sample (then seed+1, ...)")
+    p.add_argument("--no-cache", action="store_true", help="full model at every step (the reference)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_run)
 
     p = verbs.add_parser("inspect", help="input roles and the located transformer block stack")
     _add_model_options(p)
@@ -118,7 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VERBS = ("export", "run", "inspect", "split", "example")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in VERBS and not {"-h", "--help"} & set(argv[: argv.index(first)]):
+        argv.insert(argv.index(first), "export")  # `omnicache-export MODEL.onnx ...` is the main job
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -41,6 +41,15 @@ def build_graphs(path: Path, analysis: ModelAnalysis) -> tuple[ir.Model, ir.Mode
     return full, cache
 
 
+def write_graphs(model_path: Path, source: ir.Model, analysis: ModelAnalysis, folder: Path, cache_name: str = "cache.onnx") -> None:
+    """`full.onnx` and the cut cache graph into `folder`, weights external where the source's were."""
+    external = modelio.uses_external_data(source)
+    full, cache = build_graphs(model_path, analysis)
+    for name, model in (("full.onnx", full), (cache_name, cache)):
+        modelio.save_model(model, folder / name, external=external or None)
+        check_saved(folder / name)
+
+
 def check_saved(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))  # by path: works past 2 GB with external data
@@ -85,12 +94,8 @@ def split(
     model_path = Path(model_path)
     source = modelio.load_model(model_path)
     analysis = analyze(source, latent, timestep, region_start, region_end, input_dims)
-    external = modelio.uses_external_data(source)
     with modelio.atomic_output_dir(out_dir, force=force) as tmp:
-        full, cache = build_graphs(model_path, analysis)
-        for name, model in (("full.onnx", full), ("cache.onnx", cache)):
-            modelio.save_model(model, tmp / name, external=external or None)
-            check_saved(tmp / name)
+        write_graphs(model_path, source, analysis, tmp)
         verification: dict = {"onnx_checker": "passed"}
         if numeric_check is None:
             numeric_check = modelio.weight_bytes(source) <= VERIFY_MAX_WEIGHT_BYTES

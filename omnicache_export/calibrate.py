@@ -1,0 +1,291 @@
+"""Calibration: the schedule and the correction, chosen by the final deviation each actually causes.
+
+Pass 1 samples without cache (the reference), projects each trajectory to 3-D, measures its
+curvature and builds the candidate schedules. Pass 2 re-runs the sampler with each candidate applied,
+sequentially, exactly as the runtime will (cache graph at cached steps, the correction on the outputs
+of the last two full steps), and scores it by the PSNR of the final latents against the reference on
+the same seeds and conditions. Every candidate's score is kept for the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from omnicache_export import schedule as sched
+from omnicache_export.filters import StageFilter, apply_filter_numpy, candidate_grid, dft_filter_matrices
+from omnicache_export.sampler import SamplingSpec, sample
+from omnicache_export.trajectory import CurvatureStats, trajectory_curvature
+
+logger = logging.getLogger(__name__)
+
+FullFn = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, dict[str, np.ndarray]]]
+CacheFn = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], np.ndarray]
+GAMMA_SCALES = (0.8, 0.9, 1.1, 1.2)  # line search around gamma = 1 on the final deviation
+
+
+# ------------------------------------------------------------------ correction
+
+
+@dataclasses.dataclass
+class Correction:
+    """ô_i = õ_i + coefficients[i] · F_i(o_j − o_j'), coefficients[i] = gammas[i] · a_i."""
+
+    name: str
+    gammas: np.ndarray  # [N], NaN where no correction applies
+    filter: StageFilter = dataclasses.field(default_factory=StageFilter)
+
+    def coefficients(self, ratios: np.ndarray) -> np.ndarray:
+        return np.where(np.isnan(self.gammas), 0.0, np.nan_to_num(self.gammas) * ratios).astype(np.float32)
+
+    def masks(self, n_steps: int, hw: tuple[int, int] | None) -> np.ndarray | None:
+        if self.filter.is_all_pass or hw is None:
+            return None
+        return np.stack([self.filter.mask_for_step(i, *hw) for i in range(n_steps)]).astype(np.float32)
+
+
+def extrapolation_ratios(full: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """a_i = (t_i − t_j)/(t_j − t_j'): the trend of the last two full steps j' < j carried to step i by
+    the time variable (non-uniform timesteps included); 0 at full steps and before two full steps."""
+    s = sched.Schedule(full)
+    ratios = np.zeros(len(full))
+    for i in np.flatnonzero(~s.full):
+        j, j2 = s.reuse_from[i], s.prev_full2[i]
+        if j2 >= 0 and timesteps[j] != timesteps[j2]:
+            ratios[i] = (timesteps[i] - timesteps[j]) / (timesteps[j] - timesteps[j2])
+    return ratios
+
+
+def apply_correction(out: np.ndarray, diff: np.ndarray, coef: float, mask: np.ndarray | None) -> np.ndarray:
+    if coef == 0.0:
+        return out
+    if mask is not None:
+        diff = apply_filter_numpy(diff, dft_filter_matrices(mask.shape[0], mask.shape[1], mask))
+    return out + np.float32(coef) * diff
+
+
+# ------------------------------------------------------------------ cached sampling
+
+
+@dataclasses.dataclass
+class CachedRun:
+    final: np.ndarray
+    local_fit: tuple[np.ndarray, np.ndarray] | None = None  # per step Σ<q,n>, Σ|q|²
+
+
+def run_cached(
+    spec: SamplingSpec,
+    full_fn: FullFn,
+    cache_fn: CacheFn,
+    cond: dict,
+    uncond: dict,
+    n: int,
+    seed: int,
+    full: np.ndarray,
+    coefficients: np.ndarray,
+    masks: np.ndarray | None,
+    fit_local: bool = False,
+) -> CachedRun:
+    """Sample with a schedule and a correction, the runtime's dispatch with the correction in numpy.
+    With `fit_local`, also run the full model at cached steps to accumulate the local least-squares
+    fit of γ (n_i = õ_i − o_i against q_i = −a_i (o_j − o_j'))."""
+    state: dict = {"caches": None, "prev": None, "prev2": None}
+    sums = (np.zeros(len(full)), np.zeros(len(full))) if fit_local else None
+
+    def model(i: int, feeds: dict) -> np.ndarray:
+        if full[i]:
+            out, caches = full_fn(feeds)
+            state["caches"], state["prev2"], state["prev"] = caches, state["prev"], out
+            return out
+        out = cache_fn(feeds, state["caches"])
+        diff = state["prev"] - state["prev2"] if state["prev2"] is not None else None
+        if fit_local and diff is not None and coefficients[i] != 0.0:
+            truth, _ = full_fn(feeds)
+            q = -coefficients[i] * diff  # γ = 1 coefficients: q = −a_i (o_j − o_j')
+            sums[0][i] += float(np.sum(q * (out - truth)))
+            sums[1][i] += float(np.sum(q * q))
+        if diff is None:
+            return out
+        return apply_correction(out, diff, float(coefficients[i]), None if masks is None else masks[i])
+
+    final, _ = sample(spec, model, cond, uncond, n, seed)
+    return CachedRun(final, sums)
+
+
+def psnr(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-sample PSNR in dB, the peak being each reference sample's value range."""
+    axes = tuple(range(1, reference.ndim))
+    mse = np.mean((result - reference) ** 2, axis=axes)
+    peak = reference.max(axis=axes) - reference.min(axis=axes)
+    return 10 * np.log10(np.maximum(peak, 1e-12) ** 2 / np.maximum(mse, 1e-20))
+
+
+# ------------------------------------------------------------------ the calibration
+
+
+@dataclasses.dataclass
+class Candidate:
+    schedule: sched.Schedule
+    correction: Correction
+    psnr_db: float = float("nan")
+    psnr_min_db: float = float("nan")
+    rmse: float = float("nan")
+    final: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "schedule": self.schedule.name,
+            "pattern": self.schedule.pattern,
+            "correction": self.correction.name,
+            "n_full": self.schedule.n_full,
+            "n_cached": self.schedule.n_cached,
+            "psnr_db": round(float(self.psnr_db), 3),
+            "psnr_min_db": round(float(self.psnr_min_db), 3),
+            "rmse": float(self.rmse),
+        }
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    timesteps: np.ndarray
+    curvature: CurvatureStats
+    best: Candidate
+    candidates: list[Candidate]
+    ratios: np.ndarray
+    reference: np.ndarray  # final latents without cache [K, ...]
+    filter_hw: tuple[int, int] | None
+
+
+@dataclasses.dataclass
+class CalibrationPlan:
+    n_cached: int
+    max_consecutive: int = 2
+    allow_last_cached: bool = False
+    filters: bool = True
+    fit_gamma: bool = True
+
+
+def schedule_candidates(kappa: np.ndarray, plan: CalibrationPlan, n_steps: int) -> list[sched.Schedule]:
+    """Curvature DP with runs of 1 and of up to max_consecutive, staleness-aware DP, alternation."""
+    m, k, last = plan.n_cached, plan.max_consecutive, plan.allow_last_cached
+    cost = np.nan_to_num(kappa[:n_steps], nan=0.0)
+    out = []
+    for runs in sorted({1, k}):
+        if m <= sched.max_cached(n_steps, runs, last):
+            s = sched.solve_schedule(n_steps, m, cost, runs, last)
+            s.name = f"curvature-dp (runs<={runs})"
+            out.append(s)
+    if k > 1:
+        s = sched.solve_schedule(n_steps, m, sched.staleness_cost(cost), k, last)
+        s.name = f"staleness-dp (runs<={k})"
+        out.append(s)
+    s = sched.alternating_schedule(n_steps, m, k, last)
+    s.name = "alternation"
+    out.append(s)
+    unique: dict[str, sched.Schedule] = {}
+    for s in out:
+        unique.setdefault(s.pattern, s)
+    return list(unique.values())
+
+
+def calibrate(
+    spec: SamplingSpec,
+    full_fn: FullFn,
+    cache_fn: CacheFn,
+    cond: dict,
+    uncond: dict,
+    n_samples: int,
+    seed: int,
+    plan: CalibrationPlan,
+    filter_hw: tuple[int, int] | None,
+    progress: bool = True,
+) -> CalibrationResult:
+    n = spec.n_steps
+    from omnicache_export.sampler import timesteps_of
+
+    timesteps = timesteps_of(spec)
+    logger.info("pass 1: %d reference samples, %d steps", n_samples, n)
+    reference, traj = sample(spec, lambda i, f: full_fn(f)[0], cond, uncond, n_samples, seed, record=True)
+    curvature = trajectory_curvature(traj)
+    schedules = schedule_candidates(curvature.mean, plan, n) if plan.n_cached else [sched.Schedule(np.ones(n, bool), name="no cache")]
+
+    def none_correction() -> Correction:
+        return Correction("none", np.full(n, np.nan))
+
+    def gamma(g: np.ndarray | float, name: str, filt: StageFilter | None = None) -> Correction:
+        return Correction(name, np.broadcast_to(np.asarray(g, float), (n,)).copy(), filt or StageFilter())
+
+    candidates: list[Candidate] = []
+    bar = tqdm(total=2 * len(schedules), desc="calibration: schedules", disable=not progress)
+
+    def evaluate(s: sched.Schedule, corr: Correction, fit_local: bool = False) -> tuple[Candidate, CachedRun]:
+        ratios = extrapolation_ratios(s.full, timesteps)
+        run = run_cached(
+            spec, full_fn, cache_fn, cond, uncond, n_samples, seed, s.full,
+            corr.coefficients(ratios), corr.masks(n, filter_hw), fit_local,
+        )
+        scores = psnr(run.final, reference)
+        cand = Candidate(s, corr, float(scores.mean()), float(scores.min()),
+                         float(np.sqrt(np.mean((run.final - reference) ** 2))), run.final)
+        candidates.append(cand)
+        bar.update(1)
+        return cand, run
+
+    # Every schedule with and without the γ = 1 correction: which steps are cached matters with it.
+    gamma_runs = {}
+    for s in schedules:
+        evaluate(s, none_correction())
+        _, gamma_runs[s.pattern] = evaluate(s, gamma(1.0, "gamma=1"), fit_local=plan.fit_gamma)
+    best = max(candidates, key=lambda c: c.psnr_db)
+    bar.close()
+
+    # Refine the correction on the best schedule: fitted γ candidates and stage-aware filters.
+    s = best.schedule
+    refine: list[Correction] = []
+    if best.correction.name != "none" and plan.fit_gamma and s.n_cached:
+        sums = gamma_runs[s.pattern].local_fit
+        with np.errstate(invalid="ignore", divide="ignore"):
+            local = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
+        refine.append(Correction("local least-squares gamma", np.where(np.isnan(local), 1.0, local)))
+        refine += [gamma(g, f"gamma={g:g}") for g in GAMMA_SCALES]
+        half = n // 2
+        for early, late in ((0.9, 1.1), (1.1, 0.9)):
+            refine.append(Correction(f"gamma={early:g} before step {half}, {late:g} after",
+                                     np.where(np.arange(n) < half, early, late).astype(float)))
+    if best.correction.name != "none" and plan.filters and filter_hw is not None and s.n_cached:
+        refine += [gamma(1.0, f"gamma=1 + filter {f.name}", f) for f in candidate_grid(n)[1:]]
+    for corr in tqdm(refine, desc="calibration: corrections", disable=not progress):
+        evaluate(s, corr)
+    best = max(candidates, key=lambda c: c.psnr_db)
+    return CalibrationResult(
+        timesteps=timesteps,
+        curvature=curvature,
+        best=best,
+        candidates=candidates,
+        ratios=extrapolation_ratios(best.schedule.full, timesteps),
+        reference=reference,
+        filter_hw=filter_hw,
+    )
+
+
+def measure_cost_ratio(full_fn: FullFn, cache_fn: CacheFn, feeds: dict, repeats: int = 5) -> tuple[float, float, float]:
+    """(cost ratio c = cache/full, full ms, cache ms): medians over `repeats` runs after a warm-up."""
+    out, caches = full_fn(feeds)
+    cache_fn(feeds, caches)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)) * 1e3
+
+    full_ms = timed(lambda: full_fn(feeds))
+    cache_ms = timed(lambda: cache_fn(feeds, caches))
+    return cache_ms / full_ms, full_ms, cache_ms

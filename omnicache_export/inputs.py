@@ -1,0 +1,147 @@
+"""Conditioning inputs for calibration (`--calib`) and for `run` (`--inputs`): loading, checking, synthesis.
+
+The npz format: one array per conditioning input of the ONNX model, keyed by its name, with the
+sample axis in place of the input's batch axis (a `[B, L, D]` input takes a `[K, L, D]` array, a
+`[B]` class-label input a `[K]` array); inputs without a batch axis (Flux's `img_ids`) are given as
+they are. `uncond/<name>` arrays are the unconditional inputs for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from omnicache_export.errors import UserError
+from omnicache_export.feeds import NUMPY_DTYPES
+from omnicache_export.roles import IOSpec
+
+UNCOND = "uncond/"
+
+
+@dataclasses.dataclass
+class Conditioning:
+    cond: dict[str, np.ndarray]
+    uncond: dict[str, np.ndarray]
+    n_samples: int
+    synthesized: bool = False
+
+    def take(self, start: int, stop: int, batched: set[str]) -> tuple[dict, dict]:
+        """Samples [start, stop) of every batched input; unbatched ones whole."""
+        pick = lambda d: {k: (v[start:stop] if k in batched else v) for k, v in d.items()}  # noqa: E731
+        return pick(self.cond), pick(self.uncond)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **self.cond, **{UNCOND + k: v for k, v in self.uncond.items()})
+
+
+def batched_inputs(io: list[IOSpec]) -> set[str]:
+    """Inputs whose axis 0 is the batch: symbolic, or equal to the latent's axis 0."""
+    latent = next((s for s in io if s.role == "latent"), None)
+    batch_dim = latent.shape[0] if latent and latent.shape else None
+    names = set()
+    for s in io:
+        if s.role == "output" or not s.shape:
+            continue
+        if not isinstance(s.shape[0], int) or s.shape[0] == batch_dim:
+            names.add(s.name)
+    return names
+
+
+def conditioning_specs(io: list[IOSpec]) -> list[IOSpec]:
+    return [s for s in io if s.role == "conditioning"]
+
+
+def _check_array(source: str, key: str, spec: IOSpec, array: np.ndarray, batched: bool) -> None:
+    expected = NUMPY_DTYPES.get(spec.dtype, np.float32)
+    if array.dtype != expected:
+        raise UserError(f"{source}: {key!r} has dtype {array.dtype}, the model's input takes {np.dtype(expected)}")
+    dims = spec.shape[1:] if batched else spec.shape
+    got = array.shape[1:] if batched else array.shape
+    if batched and array.ndim == 0:
+        raise UserError(f"{source}: {key!r} needs a leading sample axis")
+    if len(got) != len(dims) or any(isinstance(d, int) and d != g for d, g in zip(dims, got)):
+        want = ["K", *dims] if batched else list(dims)
+        raise UserError(f"{source}: {key!r} has shape {list(array.shape)}, expected {want}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise UserError(f"{source}: {key!r} holds NaN or infinite values")
+
+
+def load_conditioning(path: str | Path, io: list[IOSpec], guidance: bool) -> Conditioning:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise UserError(f"{path}: not a readable .npz file ({exc})") from None
+    batched = batched_inputs(io)
+    cond, uncond, counts = {}, {}, set()
+    for spec in conditioning_specs(io):
+        if spec.name not in arrays:
+            raise UserError(f"{path}: missing input {spec.name!r} (has: {', '.join(sorted(arrays)) or 'nothing'})")
+        for key, target in ((spec.name, cond), (UNCOND + spec.name, uncond)):
+            if key not in arrays:
+                continue
+            array = arrays[key]
+            _check_array(str(path), key, spec, array, spec.name in batched)
+            target[spec.name] = array
+            if spec.name in batched:
+                counts.add(array.shape[0])
+        if guidance and spec.name in batched and spec.name not in uncond:
+            raise UserError(f"{path}: guidance needs {UNCOND + spec.name!r} (the unconditional input)")
+    if len(counts) > 1:
+        raise UserError(f"{path}: inputs disagree on the number of samples ({sorted(counts)})")
+    n = counts.pop() if counts else 1
+    if n < 1:
+        raise UserError(f"{path}: holds no samples")
+    return Conditioning(cond, uncond, n)
+
+
+def embedding_rows(model: ir.Model, name: str) -> int | None:
+    """Rows of the embedding table an integer input indexes (through Cast/Where), if any."""
+    value = next((v for v in model.graph.inputs if v.name == name), None)
+    frontier = [value] if value is not None else []
+    for _ in range(4):
+        nxt = []
+        for v in frontier:
+            for node in v.consumers():
+                if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+                    return int(node.inputs[0].const_value.shape[0])
+                if node.op_type in ("Cast", "Where", "Unsqueeze", "Reshape"):
+                    nxt.extend(node.outputs)
+        frontier = nxt
+    return None
+
+
+def synthesize_conditioning(
+    model: ir.Model, io: list[IOSpec], n: int, seed: int, shapes: dict[str, list[int | None]] | None = None
+) -> Conditioning:
+    """Stand-in conditioning from the input shapes: N(0, 1) floats, random class indices (the last
+    embedding row, the usual null class, for uncond), zeros as unconditional embeddings."""
+    rng = np.random.default_rng(seed + 7919)
+    batched = batched_inputs(io)
+    cond, uncond = {}, {}
+    for spec in conditioning_specs(io):
+        dims = list((shapes or {}).get(spec.name) or spec.shape)
+        is_batched = spec.name in batched
+        rest = dims[1:] if is_batched else dims
+        if any(not isinstance(d, int) or d < 0 for d in rest):
+            raise UserError(f"input {spec.name!r} has dynamic dimensions {spec.shape}: give --input-shape or --calib")
+        shape = ([n] if is_batched else []) + rest
+        dtype = NUMPY_DTYPES.get(spec.dtype, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            cond[spec.name] = rng.standard_normal(shape).astype(dtype)
+            uncond[spec.name] = np.zeros(shape, dtype)
+        else:
+            rows = embedding_rows(model, spec.name)
+            high = max(1, rows - 1) if rows else 1
+            cond[spec.name] = rng.integers(0, high, size=shape).astype(dtype)
+            uncond[spec.name] = np.full(shape, rows - 1 if rows else 0, dtype)
+        if not is_batched:
+            uncond.pop(spec.name)
+    return Conditioning(cond, uncond, n, synthesized=True)

@@ -1,0 +1,136 @@
+"""The runtime: two engines and the manifest's static schedule, dispatched per timestep.
+
+`OmniCache.load(out_dir)` reads the manifest (refusing unknown versions and changed files) and both
+engines once. Each generation has its own state (`Generation`: step counter, cache tensors, the
+outputs of the last two full steps, its scheduler), so concurrent generations never share cache
+state. The schedule is static: nothing has to come back to the host to decide a step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from omnicache_export.engines.base import Engine
+from omnicache_export.manifest import read_manifest
+from omnicache_export.passes.cache_names import CACHE
+from omnicache_export.sampler import Denoiser, SamplingSpec, batched_feeds
+
+STEP, PREV, PREV2 = "omnicache_step", "omnicache_full_prev", "omnicache_full_prev2"
+
+
+def load_engine(path: Path, backend: str, device: str) -> Engine:
+    if backend == "onnxruntime":
+        from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(path, device=device)
+    if backend == "tensorrt":
+        from omnicache_export.engines.tensorrt import TensorRTEngine  # type: ignore[import-not-found]
+
+        return TensorRTEngine(path)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+class OmniCache:
+    """Both engines and the static schedule. `OmniCache.load(out_dir)` is the usual way in."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        spec: SamplingSpec,
+        full_steps: np.ndarray,
+        cache_names: list[str],
+        graphs: dict[str, str],
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+    ):
+        self.dir = Path(folder)
+        self.spec = spec
+        self.full_steps = np.asarray(full_steps, dtype=bool)
+        self.cache_names = list(cache_names)
+        self.full = load_engine(self.dir / graphs["full"], backend, device)
+        self.cache = load_engine(self.dir / graphs["cache"], backend, device)
+        self._cache_inputs = [s.name for s in self.cache.inputs]
+
+    @classmethod
+    def load(cls, out_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu") -> OmniCache:
+        """Read the manifest (refusing unknown versions and changed artifacts) and load both engines."""
+        manifest = read_manifest(out_dir)
+        if backend not in manifest["engines"]:
+            raise ValueError(f"{out_dir} holds no {backend} engines (has: {', '.join(manifest['engines'])})")
+        rt = cls(
+            out_dir,
+            SamplingSpec.from_json(manifest["sampling"]),
+            np.array(manifest["schedule"]["full"], dtype=bool),
+            manifest["io"]["cache_tensors"],
+            manifest["engines"][backend],
+            backend,
+            device,
+        )
+        rt.manifest = manifest
+        return rt
+
+    def generation(self, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool = False) -> Generation:
+        return Generation(self, cond, uncond, n, seed, no_cache)
+
+    def sample(self, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool = False) -> np.ndarray:
+        gen = self.generation(cond, uncond, n, seed, no_cache)
+        while not gen.done:
+            gen.step()
+        return gen.x
+
+    def close(self) -> None:
+        self.full.close()
+        self.cache.close()
+
+
+class Generation:
+    """One generation's state. `step()` runs the next timestep on the engine the schedule names."""
+
+    def __init__(self, rt: OmniCache, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool):
+        self.rt, self.no_cache = rt, no_cache
+        self.den = Denoiser(rt.spec)
+        self.x = self.den.initial_latents(n, seed)
+        self.n = n
+        self.static = batched_feeds(rt.spec, cond, uncond)
+        self.i = 0
+        self.caches: dict[str, np.ndarray] = {}
+        self.prev: np.ndarray | None = None
+        self.prev2: np.ndarray | None = None
+        self.full_steps = self.cached_steps = 0
+
+    @property
+    def done(self) -> bool:
+        return self.i >= self.rt.spec.n_steps
+
+    def _feeds(self) -> dict[str, np.ndarray]:
+        spec, mult = self.rt.spec, (2 if self.rt.spec.cfg else 1)
+        xin = self.den.model_input(self.i, self.x)
+        feeds = dict(self.static)
+        feeds[spec.latent] = np.concatenate([xin] * mult, axis=0) if mult > 1 else xin
+        if spec.timestep:
+            feeds[spec.timestep] = self.den.timestep_feed(self.i, self.n * mult)
+        return feeds
+
+    def step(self) -> np.ndarray:
+        spec, rt = self.rt.spec, self.rt
+        feeds = self._feeds()
+        if self.no_cache or rt.full_steps[self.i]:
+            out = rt.full.run({s.name: feeds[s.name] for s in rt.full.inputs})
+            raw = out[spec.output]
+            self.caches = {k: out[k] for k in rt.cache_names}
+            self.prev2, self.prev = self.prev, raw
+            self.full_steps += 1
+        else:
+            zeros = np.zeros_like(self.prev)
+            extra = {STEP: np.array([self.i], np.int64), PREV: self.prev,
+                     PREV2: self.prev2 if self.prev2 is not None else zeros, **self.caches}
+            raw = rt.cache.run({name: extra[name] if name in extra else feeds[name] for name in rt._cache_inputs})[spec.output]
+            self.cached_steps += 1
+        self.x = self.den.step(self.i, self.den.guided(raw), self.x)
+        self.i += 1
+        return self.x
+
+
+__all__ = ["OmniCache", "Generation", "CACHE"]

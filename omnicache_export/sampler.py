@@ -1,0 +1,176 @@
+"""Sampling with diffusers schedulers around an ONNX model: the loop calibration and the runtime share.
+
+The model is anything that maps a feed dict to its raw output (an engine, or the runtime's
+full/cache dispatch). The loop handles ε, v and flow outputs (the scheduler's own convention),
+learned-sigma outputs (2C channels, the first C are the prediction) and classifier-free guidance
+(cond and uncond batched: first half cond, second half uncond).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from omnicache_export.errors import UserError
+
+SCHEDULER_PRESETS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def scheduler_config(spec: str, prediction_type: str | None = None) -> dict:
+    """A diffusers scheduler config (with `_class_name`) from a preset name or a scheduler_config.json."""
+    if spec in SCHEDULER_PRESETS:
+        name, extra = SCHEDULER_PRESETS[spec]
+        config = {"_class_name": name, **extra}
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--scheduler {spec!r}: not one of {', '.join(SCHEDULER_PRESETS)} and no such file")
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"--scheduler {spec}: not a JSON scheduler config ({exc})") from None
+        if "_class_name" not in config:
+            raise UserError(f"--scheduler {spec}: no _class_name (expected a diffusers scheduler_config.json)")
+    if prediction_type and "FlowMatch" not in config["_class_name"]:
+        config["prediction_type"] = prediction_type
+    return config
+
+
+def make_scheduler(config: dict):
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"], None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise UserError(f"unknown diffusers scheduler class {config['_class_name']!r}")
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+@dataclasses.dataclass
+class SamplingSpec:
+    """Everything that fixes a sampling run besides the model, the inputs and the seed."""
+
+    scheduler: dict  # diffusers config with _class_name
+    n_steps: int
+    latent: str
+    timestep: str | None
+    output: str
+    latent_shape: list[int]  # one sample, without the batch axis
+    timestep_dtype: str = "float32"
+    timestep_scale: float = 1.0
+    guidance_scale: float = 1.0
+    learned_sigma: bool = False
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SamplingSpec:
+        return cls(**data)
+
+
+class Denoiser:
+    """One generation's scheduler state: call `step(i, model_output)` in order; `timesteps` is fixed."""
+
+    def __init__(self, spec: SamplingSpec):
+        import torch
+
+        self.spec = spec
+        self.torch = torch
+        self.scheduler = make_scheduler(spec.scheduler)
+        self.scheduler.set_timesteps(spec.n_steps)
+        self.timesteps = self.scheduler.timesteps.clone()
+        if len(self.timesteps) != spec.n_steps:
+            raise UserError(f"the scheduler made {len(self.timesteps)} timesteps for --steps {spec.n_steps}")
+
+    def initial_latents(self, n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, *self.spec.latent_shape)).astype(np.float32)
+        return x * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+
+    def model_input(self, i: int, x: np.ndarray) -> np.ndarray:
+        if hasattr(self.scheduler, "scale_model_input"):
+            t = self.timesteps[i]
+            return self.scheduler.scale_model_input(self.torch.from_numpy(x), t).numpy()
+        return x
+
+    def timestep_feed(self, i: int, batch: int) -> np.ndarray:
+        t = float(self.timesteps[i]) * self.spec.timestep_scale
+        return np.full((batch,), t, dtype=np.dtype(self.spec.timestep_dtype))
+
+    def guided(self, raw: np.ndarray) -> np.ndarray:
+        """Prediction from the raw model output: drop learned-sigma channels, apply guidance."""
+        c = self.spec.latent_shape[0]
+        out = raw[:, :c] if self.spec.learned_sigma else raw
+        if self.spec.cfg:
+            cond, uncond = np.split(out, 2, axis=0)
+            out = uncond + self.spec.guidance_scale * (cond - uncond)
+        return out.astype(np.float32)
+
+    def step(self, i: int, prediction: np.ndarray, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        out = self.scheduler.step(torch.from_numpy(prediction), self.timesteps[i], torch.from_numpy(x), return_dict=False)
+        return out[0].numpy().astype(np.float32)
+
+
+def batched_feeds(spec: SamplingSpec, cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Conditioning feeds of one generation: cond then uncond along the batch axis under guidance."""
+    if not spec.cfg:
+        return dict(cond)
+    feeds = {}
+    for name, value in cond.items():
+        feeds[name] = np.concatenate([value, uncond[name]], axis=0) if name in uncond else value
+    return feeds
+
+
+ModelFn = Callable[[int, dict[str, np.ndarray]], np.ndarray]
+
+
+def sample(
+    spec: SamplingSpec,
+    model: ModelFn,
+    cond: dict[str, np.ndarray],
+    uncond: dict[str, np.ndarray],
+    n: int,
+    seed: int,
+    record: bool = False,
+    on_output: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the sampler on n samples. `model(i, feeds)` returns the raw output of step i;
+    `on_output(i, raw, x)` may replace it (calibration corrections). Returns the final latents and,
+    with `record`, the trajectory [n, N+1, ...]."""
+    den = Denoiser(spec)
+    x = den.initial_latents(n, seed)
+    static = batched_feeds(spec, cond, uncond)
+    trajectory = [x] if record else None
+    mult = 2 if spec.cfg else 1
+    for i in range(spec.n_steps):
+        xin = den.model_input(i, x)
+        feeds = dict(static)
+        feeds[spec.latent] = np.concatenate([xin] * mult, axis=0) if mult > 1 else xin
+        if spec.timestep:
+            feeds[spec.timestep] = den.timestep_feed(i, n * mult)
+        raw = model(i, feeds)
+        if on_output is not None:
+            raw = on_output(i, raw, x)
+        x = den.step(i, den.guided(raw), x)
+        if record:
+            trajectory.append(x)
+    return x, (np.stack(trajectory, axis=1) if record else None)
+
+
+def timesteps_of(spec: SamplingSpec) -> np.ndarray:
+    return Denoiser(copy.deepcopy(spec)).timesteps.numpy().astype(np.float64)
