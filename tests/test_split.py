@@ -7,13 +7,14 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import max_rel_err, run_ort
+from conftest import family_cases, max_rel_err, run_ort
 from omnicache_export.passes import graph_walk as gw
 from omnicache_export.passes.scopes import node_scope, split_block_path
 from omnicache_export.split import split
 from omnicache_export.zoo.families import FAMILIES
 
-CASES = [(f, e) for f, fam in FAMILIES.items() for e in fam.exporters]
+CASES = list(family_cases(FAMILIES))
+ALL = {(f, e) for f, fam in FAMILIES.items() for e in fam.exporters}
 
 
 def attention_on_latent(cache_path, latent: str) -> list[str]:
@@ -36,7 +37,7 @@ def stack_nodes_left(cache_path, latent: str) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("family,exporter", CASES, ids=[f"{f}-{e}" for f, e in CASES])
+@pytest.mark.parametrize("family,exporter", CASES)
 def test_split_reproduces_model(family, exporter, zoo_export, tmp_path):
     fam = FAMILIES[family]
     src = zoo_export(family, exporter)
@@ -69,12 +70,12 @@ def strip_scopes(src, dst) -> None:
     ir.save(model, dst)
 
 
-STRUCTURE_CASES = [(f, e) for f, e in CASES if e == "torchscript"] + [("dit", "dynamo"), ("sd3", "dynamo")]
+STRUCTURE_CASES = [*family_cases(FAMILIES, ("torchscript",)), ("dit", "dynamo"), ("sd3", "dynamo")]
 
 
-@pytest.mark.parametrize("family,exporter", STRUCTURE_CASES, ids=[f"{f}-{e}" for f, e in STRUCTURE_CASES])
+@pytest.mark.parametrize("family,exporter", STRUCTURE_CASES)
 def test_split_without_scopes_finds_residual_stream(family, exporter, zoo_export, tmp_path):
-    if (family, exporter) not in CASES:
+    if (family, exporter) not in ALL:
         pytest.skip(f"{family} does not export with {exporter}")
     fam = FAMILIES[family]
     src = tmp_path / "sanitized.onnx"

@@ -7,8 +7,6 @@ Dynamo cases outside FAST_DYNAMO are marked `slow` and skipped unless OMNICACHE_
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -19,9 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from omnicache_export.zoo import FAMILIES, OUTPUT_NAME, export_family, write_inputs_npz  # noqa: E402
 
-FAST_DYNAMO = {"dit", "pixart", "stdit", "flux", "sd3", "cogvideox", "wan"}
-RUN_SLOW = os.environ.get("OMNICACHE_SLOW") == "1"
-SLOW = [pytest.mark.slow, pytest.mark.skipif(not RUN_SLOW, reason="slow dynamo export; set OMNICACHE_SLOW=1")]
+from conftest import FAST_DYNAMO, SLOW  # noqa: E402
 pytestmark = [
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -37,18 +33,10 @@ def _cases():
             yield pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Export each (family, exporter) once per module."""
-    cache = {}
-
-    def get(name: str, exporter: str):
-        if (name, exporter) not in cache:
-            path = tmp_path_factory.mktemp("zoo") / f"{name}-{exporter}.onnx"
-            cache[name, exporter] = export_family(name, path, exporter)
-        return cache[name, exporter]
-
-    return get
+@pytest.fixture
+def exported(zoo_export):
+    """The session's shared exports (conftest), so every test module exports each model once."""
+    return zoo_export
 
 
 def _reference(family, feeds):
