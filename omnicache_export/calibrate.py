@@ -210,7 +210,8 @@ def calibrate(
 
     timesteps = timesteps_of(spec)
     logger.info("pass 1: %d reference samples, %d steps", n_samples, n)
-    reference, traj = sample(spec, lambda i, f: full_fn(f)[0], cond, uncond, n_samples, seed, record=True)
+    reference, traj = sample(spec, lambda i, f: full_fn(f)[0], cond, uncond, n_samples, seed, record=True,
+                             progress="calibration: reference trajectories" if progress else None)
     curvature = trajectory_curvature(traj)
     schedules = schedule_candidates(curvature.mean, plan, n) if plan.n_cached else [sched.Schedule(np.ones(n, bool), name="no cache")]
 

@@ -148,10 +148,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         io = [IOSpec(**s) for s in rt.manifest["io"]["inputs"]]
         cond = load_conditioning(args.inputs, io, rt.spec.cfg)
         batched = batched_inputs(io)
+        from omnicache_export.sampler import Denoiser
+
+        Denoiser(rt.spec)  # imports diffusers and builds the scheduler once: wall_s is the loop alone
         latents = []
         full = cached = 0
         t0 = time.perf_counter()
-        for k in range(cond.n_samples):
+        from tqdm.auto import tqdm
+
+        for k in tqdm(range(cond.n_samples), desc="sampling", disable=args.quiet or cond.n_samples < 2):
             c, u = cond.take(k, k + 1, batched)
             gen = rt.generation(c, u, 1, args.seed + k, no_cache=args.no_cache)
             while not gen.done:
@@ -181,8 +186,15 @@ def _cmd_example(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.force:
         raise UserError(f"{args.output} already exists (pass --force to replace it)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    path = export_family(args.family, args.output, exporter=args.exporter, external_data=args.external_data)
-    print(f"wrote {path} ({args.family}, {args.exporter} exporter, random weights)")
+    import warnings
+
+    from omnicache_export.zoo.export import write_inputs_npz
+
+    with warnings.catch_warnings():  # the exporters' tracer chatter is not the user's concern
+        warnings.simplefilter("ignore")
+        path = export_family(args.family, args.output, exporter=args.exporter, external_data=args.external_data)
+    inputs = write_inputs_npz(args.family, args.output.with_suffix(".inputs.npz"), batch=2, seed=0)
+    print(f"wrote {path} ({args.family}, {args.exporter} exporter, random weights) and {inputs} (example conditioning)")
     return 0
 
 
@@ -220,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first sample (then seed+1, ...)")
     p.add_argument("--no-cache", action="store_true", help="full model at every step (the reference)")
     p.add_argument("--force", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
     p = verbs.add_parser("inspect", help="input roles and the located transformer block stack")

@@ -148,16 +148,19 @@ def sample(
     seed: int,
     record: bool = False,
     on_output: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Run the sampler on n samples. `model(i, feeds)` returns the raw output of step i;
     `on_output(i, raw, x)` may replace it (calibration corrections). Returns the final latents and,
-    with `record`, the trajectory [n, N+1, ...]."""
+    with `record`, the trajectory [n, N+1, ...]. `progress`: a progress-bar label, or None."""
+    from tqdm.auto import tqdm
+
     den = Denoiser(spec)
     x = den.initial_latents(n, seed)
     static = batched_feeds(spec, cond, uncond)
     trajectory = [x] if record else None
     mult = 2 if spec.cfg else 1
-    for i in range(spec.n_steps):
+    for i in tqdm(range(spec.n_steps), desc=progress, disable=progress is None, leave=False):
         xin = den.model_input(i, x)
         feeds = dict(static)
         feeds[spec.latent] = np.concatenate([xin] * mult, axis=0) if mult > 1 else xin
