@@ -192,3 +192,18 @@ def test_flow_model_with_text_conditioning_and_speedup_target(zoo_export, tmp_pa
     assert sched.speedup_of(10, n_cached, c) >= 1.1
     assert n_cached == 0 or sched.speedup_of(10, n_cached - 1, c) < 1.1  # the fewest cached steps that meet it
     assert m["verification"]["runtime_vs_calibration_max_rel_err"] <= 1e-4
+
+
+def test_packed_latent_flux_and_video_latte(zoo_export, tmp_path):
+    """Flux: packed [B, L, C] latents, position ids without a batch axis, a timestep scale (no
+    spatial axes, so no filter). Latte: a 5-D video latent."""
+    for family, extra in (("flux", {"timestep_scale": 0.001}), ("latte", {})):
+        calib = write_inputs_npz(family, tmp_path / f"{family}.npz", batch=2, seed=1)
+        out = tmp_path / family
+        opts = ExportOptions(scheduler="flow-euler", steps=6, calib=calib, num_calib=2, progress=False, **extra)
+        export(zoo_export(family, "torchscript"), out, opts)
+        m = read_manifest(out)
+        assert m["correction"]["filter_hw"] is None if family == "flux" else len(m["correction"]["filter_hw"]) == 2
+        assert m["verification"]["runtime_vs_calibration_max_rel_err"] <= 1e-4
+        assert m["schedule"]["n_cached"] == 3 and m["sampling"]["timestep_scale"] == extra.get("timestep_scale", 1.0)
+        assert (out / "report.html").stat().st_size > 10_000

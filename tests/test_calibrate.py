@@ -1,0 +1,67 @@
+"""Calibration's choices on a denoiser whose cache error is known exactly.
+
+The test denoiser's output is smooth in t and independent of x, and its cache step returns the
+output of the last full step: the γ = 1 linear extrapolation then removes most of the cache error,
+so calibration must pick a correction, refine it (fitted γ, filters) and keep the best score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from omnicache_export.calibrate import CalibrationPlan, calibrate, extrapolation_ratios, psnr
+from omnicache_export.sampler import SamplingSpec, scheduler_config
+
+H = W = 8
+
+
+def smooth_denoiser():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 1, 4, H, W)).astype(np.float32)
+
+    def out(feeds):
+        t = feeds["t"].astype(np.float32)[:, None, None, None] / 1000.0
+        n = feeds["x"].shape[0]
+        return np.broadcast_to(a + b * t + 0.05 * t**2, (n, 4, H, W)).astype(np.float32)
+
+    def full_fn(feeds):
+        o = out(feeds)
+        return o, {"omnicache_cache": o}
+
+    def cache_fn(feeds, caches):
+        return caches["omnicache_cache"]
+
+    return full_fn, cache_fn
+
+
+def test_calibration_picks_and_refines_correction():
+    spec = SamplingSpec(scheduler_config("ddim"), 12, "x", "t", "o", [4, H, W], timestep_dtype="float32")
+    full_fn, cache_fn = smooth_denoiser()
+    plan = CalibrationPlan(n_cached=6)
+    result = calibrate(spec, full_fn, cache_fn, {}, {}, 2, 0, plan, (H, W), progress=False)
+    names = [c.correction.name for c in result.candidates]
+    assert "none" in names and "gamma=1" in names
+    assert any(n.startswith("gamma=1 + filter") for n in names)
+    assert "local least-squares gamma" in names
+    best = result.best
+    assert best.psnr_db == max(c.psnr_db for c in result.candidates)
+    same_schedule = [c for c in result.candidates if c.schedule.pattern == best.schedule.pattern]
+    none = next(c for c in same_schedule if c.correction.name == "none")
+    assert best.correction.name != "none" and best.psnr_db > none.psnr_db + 10
+    # the locally fitted gammas are close to 1 where the trend is linear
+    local = next(c for c in result.candidates if c.correction.name == "local least-squares gamma")
+    fitted = local.correction.gammas[~best.schedule.full & (result.ratios > 0)]
+    assert np.all(np.abs(fitted - 1) < 0.2)
+    # every schedule candidate honours the constraints
+    for c in result.candidates:
+        assert c.schedule.full[0] and c.schedule.full[-1] and c.schedule.max_run <= 2 and c.schedule.n_cached == 6
+    assert np.all(psnr(result.reference, result.reference) > 150)  # identical: capped, finite
+
+
+def test_extrapolation_ratios_follow_time():
+    full = np.array([True, True, False, True, False, False, True])
+    t = np.array([900.0, 800.0, 700.0, 500.0, 400.0, 200.0, 100.0])
+    r = extrapolation_ratios(full, t)
+    np.testing.assert_allclose(r, [0, 0, 1.0, 0, (400 - 500) / (500 - 800), (200 - 500) / (500 - 800), 0])
+    # before two full steps exist there is no trend
+    assert extrapolation_ratios(np.array([True, False, True]), np.array([3.0, 2.0, 1.0]))[1] == 0
