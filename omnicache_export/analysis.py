@@ -164,7 +164,7 @@ def analyze(
         raise UserError(str(exc)) from None
     # The second inference at twice the batch tells which dims of each cache tensor scale with it.
     for stream in region.streams:
-        if not stream.shape and model.graph.node(0) is not None:
+        if not stream.shape:
             exit_value = value_index(model.graph)[stream.exit]
             if exit_value.shape is None:
                 raise UserError(

@@ -67,6 +67,7 @@ def sampling_spec(analysis: ModelAnalysis, opts: ExportOptions) -> SamplingSpec:
     out_shape = analysis.shapes_b1.get(output.name)
     learned_sigma = bool(out_shape and len(out_shape) == len(shape) + 1 and out_shape[1] == 2 * shape[0])
     ts_dtype = np.dtype(NUMPY_DTYPES.get(timestep[0].dtype, np.float32)).name if timestep else "float32"
+    latent_dtype = np.dtype(NUMPY_DTYPES.get(latent.dtype, np.float32)).name
     return SamplingSpec(
         scheduler=scheduler_config(opts.scheduler, opts.prediction_type),
         n_steps=opts.steps,
@@ -75,6 +76,8 @@ def sampling_spec(analysis: ModelAnalysis, opts: ExportOptions) -> SamplingSpec:
         output=output.name,
         latent_shape=[int(d) for d in shape],
         timestep_dtype=ts_dtype,
+        timestep_shape=list(timestep[0].shape) if timestep and all(isinstance(d, int) for d in timestep[0].shape) else None,
+        latent_dtype=latent_dtype,
         timestep_scale=opts.timestep_scale,
         guidance_scale=opts.guidance_scale,
         learned_sigma=learned_sigma,
@@ -226,8 +229,7 @@ def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict) -> dict:
     den = Denoiser(spec)
     mult = 2 if spec.cfg else 1
     feeds = batched_feeds(spec, cond, uncond)
-    x = den.initial_latents(1, 0)
-    feeds[spec.latent] = np.concatenate([x] * mult, axis=0)
+    feeds[spec.latent] = den.latent_feed(0, den.initial_latents(1, 0), mult)
     if spec.timestep:
         feeds[spec.timestep] = den.timestep_feed(0, mult)
     return feeds

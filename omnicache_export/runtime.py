@@ -106,9 +106,8 @@ class Generation:
 
     def _feeds(self) -> dict[str, np.ndarray]:
         spec, mult = self.rt.spec, (2 if self.rt.spec.cfg else 1)
-        xin = self.den.model_input(self.i, self.x)
         feeds = dict(self.static)
-        feeds[spec.latent] = np.concatenate([xin] * mult, axis=0) if mult > 1 else xin
+        feeds[spec.latent] = self.den.latent_feed(self.i, self.x, mult)
         if spec.timestep:
             feeds[spec.timestep] = self.den.timestep_feed(self.i, self.n * mult)
         return feeds

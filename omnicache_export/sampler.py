@@ -66,6 +66,8 @@ class SamplingSpec:
     output: str
     latent_shape: list[int]  # one sample, without the batch axis
     timestep_dtype: str = "float32"
+    timestep_shape: list | None = None  # the timestep input's shape: [] scalar, [1] shared, else [B]
+    latent_dtype: str = "float32"  # float16 exports take float16 latents
     timestep_scale: float = 1.0
     guidance_scale: float = 1.0
     learned_sigma: bool = False
@@ -103,13 +105,20 @@ class Denoiser:
 
     def model_input(self, i: int, x: np.ndarray) -> np.ndarray:
         if hasattr(self.scheduler, "scale_model_input"):
-            t = self.timesteps[i]
-            return self.scheduler.scale_model_input(self.torch.from_numpy(x), t).numpy()
+            return self.scheduler.scale_model_input(self.torch.from_numpy(x), self.timesteps[i]).numpy()
         return x
 
     def timestep_feed(self, i: int, batch: int) -> np.ndarray:
         t = float(self.timesteps[i]) * self.spec.timestep_scale
+        shape = self.spec.timestep_shape
+        if shape is not None and (len(shape) == 0 or shape == [1]):
+            return np.full(shape, t, dtype=np.dtype(self.spec.timestep_dtype))
         return np.full((batch,), t, dtype=np.dtype(self.spec.timestep_dtype))
+
+    def latent_feed(self, i: int, x: np.ndarray, copies: int) -> np.ndarray:
+        """The model's latent input: scaled x, repeated for guidance, in the model's dtype."""
+        x = self.model_input(i, x).astype(self.spec.latent_dtype, copy=False)
+        return np.concatenate([x] * copies, axis=0) if copies > 1 else x
 
     def guided(self, raw: np.ndarray) -> np.ndarray:
         """Prediction from the raw model output: drop learned-sigma channels, apply guidance."""
@@ -161,9 +170,8 @@ def sample(
     trajectory = [x] if record else None
     mult = 2 if spec.cfg else 1
     for i in tqdm(range(spec.n_steps), desc=progress, disable=progress is None, leave=False):
-        xin = den.model_input(i, x)
         feeds = dict(static)
-        feeds[spec.latent] = np.concatenate([xin] * mult, axis=0) if mult > 1 else xin
+        feeds[spec.latent] = den.latent_feed(i, x, mult)
         if spec.timestep:
             feeds[spec.timestep] = den.timestep_feed(i, n * mult)
         raw = model(i, feeds)
