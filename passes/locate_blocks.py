@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import onnx_ir as ir
 
 from omnicache_export.passes import graph_walk as gw
-from omnicache_export.passes.scopes import node_scope, split_block_path
+from omnicache_export.passes.scopes import indexed_modules, node_scope
 
 ShapeOf = Callable[[ir.Value], tuple | None]
 
@@ -76,21 +76,20 @@ def scoped_blocks(graph: ir.Graph) -> tuple[set[ir.Node], dict[str, int], str | 
         if scope is None:
             continue
         conventions.add(convention)
-        split = split_block_path(scope)
-        if split is not None:
-            members[split[0]][split[1]].append(node)
+        for prefix, index in indexed_modules(scope):
+            members[prefix][index].append(node)
     lists: dict[str, int] = {}
-    nodes: set[ir.Node] = set()
     for name, blocks in members.items():
         with_attention = [i for i, ns in blocks.items() if any(n.op_type in gw.ATTENTION_OPS for n in ns)]
-        # A block list: repeated modules, most of which hold attention (FF `net.0` lists, embedder MLPs don't).
-        if len(blocks) >= 1 and len(with_attention) * 2 > len(blocks):
+        # A block list: two or more repeated modules, most holding attention (FF `net.0` lists and
+        # embedder MLPs hold none; a wrapper's single `models.0` is no list).
+        if len(blocks) >= 2 and len(with_attention) * 2 > len(blocks):
             lists[name] = len(blocks)
-            nodes.update(n for ns in blocks.values() for n in ns)
     # Lists nested in another list (a block's own sub-lists) belong to the outer one.
     for name in list(lists):
         if any(name.startswith(other + ".") for other in lists if other != name):
             del lists[name]
+    nodes = {n for name in lists for ns in members[name].values() for n in ns}
     convention = "dynamo metadata" if "dynamo metadata" in conventions else (conventions.pop() if conventions else None)
     return nodes, lists, convention
 

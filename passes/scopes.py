@@ -49,10 +49,14 @@ def node_scope(node: ir.Node) -> tuple[str | None, str | None]:
     return None, None
 
 
+def indexed_modules(scope: str) -> list[tuple[str, int]]:
+    """Every indexed module on a path, outermost first: `m.0.blocks.3.ff.net.0` ->
+    [('m', 0), ('m.0.blocks', 3), ('m.0.blocks.3.ff.net', 0)]."""
+    parts = scope.split(".")
+    return [(".".join(parts[:i]), int(part)) for i, part in enumerate(parts) if part.isdigit() and i > 0]
+
+
 def split_block_path(scope: str) -> tuple[str, int] | None:
     """The outermost indexed module of a path: `m.blocks.3.attn` -> ('m.blocks', 3)."""
-    parts = scope.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit() and i > 0:
-            return ".".join(parts[:i]), int(part)
-    return None
+    found = indexed_modules(scope)
+    return found[0] if found else None

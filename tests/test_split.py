@@ -91,3 +91,34 @@ def test_split_without_scopes_finds_residual_stream(family, exporter, zoo_export
     assert max_rel_err(cached, ref) <= 1e-4
     latent = [s.name for s in result.analysis.io if s.role == "latent"][0]
     assert attention_on_latent(tmp_path / "out" / "cache.onnx", latent) == []
+
+
+def test_wrapped_model_with_indexed_prefix(tmp_path):
+    """A user's wrapper that holds the DiT in a ModuleList (`models.0.transformer_blocks.1...`):
+    the block list is the inner one, not the wrapper's single entry."""
+    import torch
+
+    fam = FAMILIES["dit"]
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.models = torch.nn.ModuleList([fam.build(0)])
+
+        def forward(self, *args):
+            return self.models[0](*args)
+
+    feeds = fam.example_inputs(2, 0)
+    src = tmp_path / "wrapped.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            Wrapper().eval(), tuple(torch.from_numpy(feeds[n]) for n in fam.input_names), str(src),
+            dynamo=False, opset_version=17, input_names=fam.input_names, output_names=[fam.output_name],
+            dynamic_axes={n: {0: "batch"} for n in [*fam.input_names, fam.output_name]},
+        )
+    result = split(src, tmp_path / "out")
+    assert list(result.analysis.region.block_lists) == ["models.0.transformer_blocks"]
+    full = run_ort(tmp_path / "out" / "full.onnx", feeds)
+    cached = run_ort(tmp_path / "out" / "cache.onnx", {**feeds, "omnicache_cache": full["omnicache_cache"]})
+    assert max_rel_err(cached[fam.output_name], full[fam.output_name]) <= 1e-4
+    assert attention_on_latent(tmp_path / "out" / "cache.onnx", "hidden_states") == []
