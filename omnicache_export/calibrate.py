@@ -168,6 +168,10 @@ class CalibrationPlan:
     allow_last_cached: bool = False
     filters: bool = True
     fit_gamma: bool = True
+    # Restrict the candidates (ablations): schedule families by name prefix, and the correction:
+    # "none", "gamma1" (γ = 1 only), "gamma" (γ fits, no filters) or "auto" (everything).
+    schedules: tuple[str, ...] | None = None
+    correction: str = "auto"
 
 
 def schedule_candidates(kappa: np.ndarray, plan: CalibrationPlan, n_steps: int) -> list[sched.Schedule]:
@@ -187,6 +191,10 @@ def schedule_candidates(kappa: np.ndarray, plan: CalibrationPlan, n_steps: int) 
     s = sched.alternating_schedule(n_steps, m, k, last)
     s.name = "alternation"
     out.append(s)
+    if plan.schedules is not None:
+        out = [s for s in out if s.name.startswith(plan.schedules)]
+        if not out:
+            raise ValueError(f"no schedule candidate matches {plan.schedules} for {m} cached steps")
     unique: dict[str, sched.Schedule] = {}
     for s in out:
         unique.setdefault(s.pattern, s)
@@ -222,7 +230,8 @@ def calibrate(
         return Correction(name, np.broadcast_to(np.asarray(g, float), (n,)).copy(), filt or StageFilter())
 
     candidates: list[Candidate] = []
-    bar = tqdm(total=2 * len(schedules), desc="calibration: schedules", disable=not progress)
+    per_schedule = 1 if plan.correction in ("none", "gamma1") else 2
+    bar = tqdm(total=per_schedule * len(schedules), desc="calibration: schedules", disable=not progress)
 
     def evaluate(s: sched.Schedule, corr: Correction, fit_local: bool = False) -> tuple[Candidate, CachedRun]:
         ratios = extrapolation_ratios(s.full, timesteps)
@@ -240,15 +249,17 @@ def calibrate(
     # Every schedule with and without the γ = 1 correction: which steps are cached matters with it.
     gamma_runs = {}
     for s in schedules:
-        evaluate(s, none_correction())
-        _, gamma_runs[s.pattern] = evaluate(s, gamma(1.0, "gamma=1"), fit_local=plan.fit_gamma)
-    best = max(candidates, key=lambda c: c.psnr_db)
+        if plan.correction != "gamma1":
+            evaluate(s, none_correction())
+        if plan.correction != "none":
+            _, gamma_runs[s.pattern] = evaluate(s, gamma(1.0, "gamma=1"), fit_local=plan.fit_gamma)
     bar.close()
 
-    # Refine the correction on the best schedule: fitted γ candidates and stage-aware filters.
-    s = best.schedule
+    # Refine the correction on the schedule that did best with γ = 1: fitted γ and stage-aware filters.
+    corrected = [c for c in candidates if c.correction.name == "gamma=1"]
+    s = max(corrected, key=lambda c: c.psnr_db).schedule if corrected else schedules[0]
     refine: list[Correction] = []
-    if best.correction.name != "none" and plan.fit_gamma and s.n_cached:
+    if plan.correction in ("gamma", "auto") and plan.fit_gamma and s.n_cached:
         sums = gamma_runs[s.pattern].local_fit
         with np.errstate(invalid="ignore", divide="ignore"):
             local = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
@@ -258,7 +269,7 @@ def calibrate(
         for early, late in ((0.9, 1.1), (1.1, 0.9)):
             refine.append(Correction(f"gamma={early:g} before step {half}, {late:g} after",
                                      np.where(np.arange(n) < half, early, late).astype(float)))
-    if best.correction.name != "none" and plan.filters and filter_hw is not None and s.n_cached:
+    if plan.correction == "auto" and plan.filters and filter_hw is not None and s.n_cached:
         refine += [gamma(1.0, f"gamma=1 + filter {f.name}", f) for f in candidate_grid(n)[1:]]
     for corr in tqdm(refine, desc="calibration: corrections", disable=not progress):
         evaluate(s, corr)

@@ -95,6 +95,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--cache-ratio {args.cache_ratio}: must be in [0, 1)")
     if args.speedup is not None and args.speedup < 1:
         raise UserError(f"--speedup {args.speedup}: must be at least 1")
+    families = ("curvature-dp", "staleness-dp", "alternation")
+    unknown = set(args.schedules.split(",")) - set(families) if args.schedules else set()
+    if unknown:
+        raise UserError(f"--schedules: unknown {', '.join(sorted(unknown))} (choose from {', '.join(families)})")
     if args.max_consecutive < 1:
         raise UserError("--max-consecutive must be at least 1")
     opts = ExportOptions(
@@ -113,6 +117,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_consecutive=args.max_consecutive,
         allow_last_cached=args.allow_last_cached,
         filters=not args.no_filters,
+        correction=args.correction,
+        schedules=tuple(args.schedules.split(",")) if args.schedules else None,
         latent=args.latent,
         timestep=args.timestep,
         region_start=args.region_start,
@@ -221,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-consecutive", type=int, default=2, help="longest run of cached steps (default 2)")
     p.add_argument("--allow-last-cached", action="store_true", help="let the last step be cached")
     p.add_argument("--no-filters", action="store_true", help="do not try frequency filters in calibration")
+    p.add_argument("--correction", choices=["auto", "none", "gamma1", "gamma"], default="auto",
+                   help="correction candidates: all (auto), none, gamma = 1 only, or fitted gammas without filters")
+    p.add_argument("--schedules", help="comma-separated schedule families to try: curvature-dp,staleness-dp,alternation")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)

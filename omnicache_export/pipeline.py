@@ -46,6 +46,8 @@ class ExportOptions:
     max_consecutive: int = 2
     allow_last_cached: bool = False
     filters: bool = True
+    schedules: tuple[str, ...] | None = None  # restrict schedule candidates (ablations)
+    correction: str = "auto"  # none | gamma1 | gamma | auto
     latent: str | None = None
     timestep: str | None = None
     region_start: str | None = None
@@ -162,10 +164,14 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
                 ) if (opts.cache_ratio is not None or opts.speedup is not None) else _default_cached(opts)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-            plan = CalibrationPlan(n_cached, opts.max_consecutive, opts.allow_last_cached, opts.filters)
+            plan = CalibrationPlan(n_cached, opts.max_consecutive, opts.allow_last_cached, opts.filters,
+                                   schedules=opts.schedules, correction=opts.correction)
             hw = filter_hw(analysis, spec)
-            result = calibrate(spec, engines.full_fn, engines.cache_fn, calib_cond, calib_uncond, k, opts.seed,
-                               plan, hw, progress=opts.progress)
+            try:
+                result = calibrate(spec, engines.full_fn, engines.cache_fn, calib_cond, calib_uncond, k, opts.seed,
+                                   plan, hw, progress=opts.progress)
+            except ValueError as exc:  # e.g. no schedule of the requested family fits the constraints
+                raise UserError(str(exc)) from None
         finally:
             engines.close()
         best = result.best

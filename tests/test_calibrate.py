@@ -65,3 +65,15 @@ def test_extrapolation_ratios_follow_time():
     np.testing.assert_allclose(r, [0, 0, 1.0, 0, (400 - 500) / (500 - 800), (200 - 500) / (500 - 800), 0])
     # before two full steps exist there is no trend
     assert extrapolation_ratios(np.array([True, False, True]), np.array([3.0, 2.0, 1.0]))[1] == 0
+
+
+def test_candidates_can_be_restricted_for_ablations():
+    spec = SamplingSpec(scheduler_config("ddim"), 9, "x", "t", "o", [4, H, W], timestep_dtype="float32")
+    full_fn, cache_fn = smooth_denoiser()
+    only_none = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0, CalibrationPlan(4, correction="none"), (H, W), False)
+    assert {c.correction.name for c in only_none.candidates} == {"none"}
+    gammas = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0,
+                       CalibrationPlan(4, correction="gamma", schedules=("alternation",)), (H, W), False)
+    assert {c.schedule.name for c in gammas.candidates} == {"alternation"}
+    names = {c.correction.name for c in gammas.candidates}
+    assert "gamma=1" in names and "gamma=0.9" in names and not any("filter" in n for n in names)
