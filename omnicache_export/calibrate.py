@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from omnicache_export import schedule as sched
 from omnicache_export.filters import StageFilter, apply_filter_numpy, candidate_grid, dft_filter_matrices
-from omnicache_export.sampler import SamplingSpec, sample
+from omnicache_export.sampler import SamplingSpec, sample_chunked
 from omnicache_export.trajectory import CurvatureStats, trajectory_curvature
 
 logger = logging.getLogger(__name__)
@@ -90,14 +90,18 @@ def run_cached(
     coefficients: np.ndarray,
     masks: np.ndarray | None,
     fit_local: bool = False,
+    batched: set[str] | None = None,
 ) -> CachedRun:
     """Sample with a schedule and a correction, the runtime's dispatch with the correction in numpy.
     With `fit_local`, also run the full model at cached steps to accumulate the local least-squares
     fit of γ (n_i = õ_i − o_i against q_i = −a_i (o_j − o_j'))."""
-    state: dict = {"caches": None, "prev": None, "prev2": None}
     sums = (np.zeros(len(full)), np.zeros(len(full))) if fit_local else None
 
-    def model(i: int, feeds: dict) -> np.ndarray:
+    def make_model():  # fresh cache state for every chunk of samples
+        state: dict = {"caches": None, "prev": None, "prev2": None}
+        return lambda i, feeds: model(state, i, feeds)
+
+    def model(state: dict, i: int, feeds: dict) -> np.ndarray:
         if full[i]:
             out, caches = full_fn(feeds)
             state["caches"], state["prev2"], state["prev"] = caches, state["prev"], out
@@ -113,8 +117,12 @@ def run_cached(
             return out
         return apply_correction(out, diff, float(coefficients[i]), None if masks is None else masks[i])
 
-    final, _ = sample(spec, model, cond, uncond, n, seed)
+    final, _ = sample_chunked(spec, make_model, cond, uncond, n, seed, _batched(batched, cond))
     return CachedRun(final, sums)
+
+
+def _batched(batched: set[str] | None, cond: dict) -> set[str]:
+    return set(cond) if batched is None else batched
 
 
 def psnr(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -212,14 +220,18 @@ def calibrate(
     plan: CalibrationPlan,
     filter_hw: tuple[int, int] | None,
     progress: bool = True,
+    batched: set[str] | None = None,
 ) -> CalibrationResult:
+    """`batched`: the conditioning inputs that carry a sample axis (default: all of them)."""
     n = spec.n_steps
     from omnicache_export.sampler import timesteps_of
 
     timesteps = timesteps_of(spec)
     logger.info("pass 1: %d reference samples, %d steps", n_samples, n)
-    reference, traj = sample(spec, lambda i, f: full_fn(f)[0], cond, uncond, n_samples, seed, record=True,
-                             progress="calibration: reference trajectories" if progress else None)
+    reference, traj = sample_chunked(
+        spec, lambda: (lambda i, f: full_fn(f)[0]), cond, uncond, n_samples, seed, _batched(batched, cond),
+        record=True, progress="calibration: reference trajectories" if progress else None,
+    )
     curvature = trajectory_curvature(traj)
     schedules = schedule_candidates(curvature.mean, plan, n) if plan.n_cached else [sched.Schedule(np.ones(n, bool), name="no cache")]
 
@@ -237,7 +249,7 @@ def calibrate(
         ratios = extrapolation_ratios(s.full, timesteps)
         run = run_cached(
             spec, full_fn, cache_fn, cond, uncond, n_samples, seed, s.full,
-            corr.coefficients(ratios), corr.masks(n, filter_hw), fit_local,
+            corr.coefficients(ratios), corr.masks(n, filter_hw), fit_local, batched,
         )
         scores = psnr(run.final, reference)
         cand = Candidate(s, corr, float(scores.mean()), float(scores.min()),

@@ -162,12 +162,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         from tqdm.auto import tqdm
 
+        size = rt.spec.chunk or 1  # a static-batch export runs a whole batch: pad with copies
         for k in tqdm(range(cond.n_samples), desc="sampling", disable=args.quiet or cond.n_samples < 2):
             c, u = cond.take(k, k + 1, batched)
-            gen = rt.generation(c, u, 1, args.seed + k, no_cache=args.no_cache)
+            c, u = ({n: np.repeat(v, size, axis=0) if n in batched else v for n, v in d.items()} for d in (c, u))
+            x0 = np.repeat(Denoiser(rt.spec).initial_latents(1, args.seed + k), size, axis=0)
+            gen = rt.generation(c, u, size, args.seed + k, no_cache=args.no_cache, x0=x0)
             while not gen.done:
                 gen.step()
-            latents.append(gen.x)
+            latents.append(gen.x[:1])
             full += gen.full_steps
             cached += gen.cached_steps
         wall = time.perf_counter() - t0

@@ -70,8 +70,15 @@ def sampling_spec(analysis: ModelAnalysis, opts: ExportOptions) -> SamplingSpec:
     learned_sigma = bool(out_shape and len(out_shape) == len(shape) + 1 and out_shape[1] == 2 * shape[0])
     ts_dtype = np.dtype(NUMPY_DTYPES.get(timestep[0].dtype, np.float32)).name if timestep else "float32"
     latent_dtype = np.dtype(NUMPY_DTYPES.get(latent.dtype, np.float32)).name
+    static_batch = latent.shape[0] if latent.shape and isinstance(latent.shape[0], int) else None
+    if static_batch is not None and opts.guidance_scale != 1.0 and static_batch % 2:
+        raise UserError(
+            f"the model's batch is fixed to {static_batch}: guidance batches cond and uncond, so it needs an "
+            "even batch (export with a dynamic batch axis, or batch 2)"
+        )
     return SamplingSpec(
         scheduler=scheduler_config(opts.scheduler, opts.prediction_type),
+        static_batch=static_batch,
         n_steps=opts.steps,
         latent=latent.name,
         timestep=timestep[0].name if timestep else None,
@@ -154,7 +161,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
         engines = _Engines(tmp, spec, len(analysis.region.streams))
         try:
             one_cond, one_uncond = cond.take(0, 1, batched)
-            probe = _step_feeds(spec, one_cond, one_uncond)
+            probe = _step_feeds(spec, one_cond, one_uncond, batched)
             cost_ratio, full_ms, cache_ms = measure_cost_ratio(engines.full_fn, engines.cache_fn, probe)
             try:
                 n_cached = sched.n_cached_for(
@@ -169,7 +176,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
             hw = filter_hw(analysis, spec)
             try:
                 result = calibrate(spec, engines.full_fn, engines.cache_fn, calib_cond, calib_uncond, k, opts.seed,
-                                   plan, hw, progress=opts.progress)
+                                   plan, hw, progress=opts.progress, batched=batched)
             except ValueError as exc:  # e.g. no schedule of the requested family fits the constraints
                 raise UserError(str(exc)) from None
         finally:
@@ -178,7 +185,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
         coefficients = best.correction.coefficients(result.ratios)
         masks = best.correction.masks(spec.n_steps, hw)
         _embed(tmp, spec.output, coefficients, masks)
-        verification = _verify(tmp, spec, analysis, calib_cond, calib_uncond, k, opts.seed, result)
+        verification = _verify(tmp, spec, analysis, calib_cond, calib_uncond, k, opts.seed, result, batched)
         predicted = sched.speedup_of(spec.n_steps, best.schedule.n_cached, cost_ratio)
         body = {
             "source": {"path": str(model_path), "sha256": modelio.sha256_file(model_path)},
@@ -229,15 +236,19 @@ def _default_cached(opts: ExportOptions) -> int:
     return min(sched.max_cached(opts.steps, opts.max_consecutive, opts.allow_last_cached), opts.steps // 2)
 
 
-def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict) -> dict:
+def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict, batched: set[str]) -> dict:
+    """Feeds of one step for one sample (the static batch's worth where the export fixed it)."""
     from omnicache_export.sampler import Denoiser
 
     den = Denoiser(spec)
     mult = 2 if spec.cfg else 1
+    size = spec.chunk or 1
+    cond = {k: np.repeat(v, size, axis=0) if k in batched else v for k, v in cond.items()}
+    uncond = {k: np.repeat(v, size, axis=0) if k in batched else v for k, v in uncond.items()}
     feeds = batched_feeds(spec, cond, uncond)
-    feeds[spec.latent] = den.latent_feed(0, den.initial_latents(1, 0), mult)
+    feeds[spec.latent] = den.latent_feed(0, den.initial_latents(size, 0), mult)
     if spec.timestep:
-        feeds[spec.timestep] = den.timestep_feed(0, mult)
+        feeds[spec.timestep] = den.timestep_feed(0, size * mult)
     return feeds
 
 
@@ -253,7 +264,7 @@ def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarra
         path.unlink(missing_ok=True)
 
 
-def _verify(folder: Path, spec, analysis, cond, uncond, k, seed, result) -> dict:
+def _verify(folder: Path, spec, analysis, cond, uncond, k, seed, result, batched) -> dict:
     """The runtime, with the correction inside the graph, against calibration's numpy correction
     (same schedule, seeds, conditions) and against sampling without cache; and its speed."""
     from omnicache_export.runtime import OmniCache
@@ -262,12 +273,12 @@ def _verify(folder: Path, spec, analysis, cond, uncond, k, seed, result) -> dict
     names = [cache_name(i) for i in range(len(analysis.region.streams))]
     rt = OmniCache(folder, spec, result.best.schedule.full, names, {"full": "full.onnx", "cache": "cache.onnx"})
     try:
-        cached = rt.sample(cond, uncond, k, seed)
+        cached = rt.sample(cond, uncond, k, seed, batched=batched)
         t0 = time.perf_counter()
-        rt.sample(cond, uncond, k, seed + 1)
+        rt.sample(cond, uncond, k, seed + 1, batched=batched)
         t_cached = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rt.sample(cond, uncond, k, seed + 1, no_cache=True)
+        rt.sample(cond, uncond, k, seed + 1, no_cache=True, batched=batched)
         t_full = time.perf_counter() - t0
     finally:
         rt.close()

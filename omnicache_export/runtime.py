@@ -25,11 +25,7 @@ def load_engine(path: Path, backend: str, device: str) -> Engine:
         from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, device=device)
-    if backend == "tensorrt":
-        from omnicache_export.engines.tensorrt import TensorRTEngine  # type: ignore[import-not-found]
-
-        return TensorRTEngine(path)
-    raise ValueError(f"unknown backend {backend!r}")
+    raise ValueError(f"unknown backend {backend!r} (this version ships the onnxruntime backend)")
 
 
 class OmniCache:
@@ -71,14 +67,32 @@ class OmniCache:
         rt.manifest = manifest
         return rt
 
-    def generation(self, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool = False) -> Generation:
-        return Generation(self, cond, uncond, n, seed, no_cache)
+    def generation(
+        self, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool = False, x0: np.ndarray | None = None
+    ) -> Generation:
+        """A new generation of n samples (noise from `seed`, or `x0`); its own cache state."""
+        return Generation(self, cond, uncond, n, seed, no_cache, x0)
 
-    def sample(self, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool = False) -> np.ndarray:
-        gen = self.generation(cond, uncond, n, seed, no_cache)
-        while not gen.done:
-            gen.step()
-        return gen.x
+    def sample(
+        self, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool = False, batched: set[str] | None = None
+    ) -> np.ndarray:
+        """n samples to the end; in chunks of the model's static batch where the export fixed it
+        (the last chunk padded), the noise drawn for all n at once. `batched`: the conditioning
+        inputs with a sample axis (default: all)."""
+        batched = set(cond) if batched is None else batched
+
+        size = self.spec.chunk or n
+        x0 = Denoiser(self.spec).initial_latents(n, seed)
+        out = []
+        for start in range(0, n, size):
+            rows = list(range(start, min(n, start + size)))
+            padded = rows + [rows[-1]] * (size - len(rows))
+            pick = lambda d: {k: (v[padded] if k in batched else v) for k, v in d.items()}  # noqa: E731
+            gen = self.generation(pick(cond), pick(uncond), size, seed, no_cache, x0[padded])
+            while not gen.done:
+                gen.step()
+            out.append(gen.x[: len(rows)])
+        return np.concatenate(out)
 
     def close(self) -> None:
         self.full.close()
@@ -88,10 +102,11 @@ class OmniCache:
 class Generation:
     """One generation's state. `step()` runs the next timestep on the engine the schedule names."""
 
-    def __init__(self, rt: OmniCache, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool):
+    def __init__(self, rt: OmniCache, cond: dict, uncond: dict, n: int, seed: int, no_cache: bool,
+                 x0: np.ndarray | None = None):
         self.rt, self.no_cache = rt, no_cache
         self.den = Denoiser(rt.spec)
-        self.x = self.den.initial_latents(n, seed)
+        self.x = self.den.initial_latents(n, seed) if x0 is None else x0
         self.n = n
         self.static = batched_feeds(rt.spec, cond, uncond)
         self.i = 0

@@ -71,10 +71,16 @@ class SamplingSpec:
     timestep_scale: float = 1.0
     guidance_scale: float = 1.0
     learned_sigma: bool = False
+    static_batch: int | None = None  # the model's batch where the export fixed it (guidance included)
 
     @property
     def cfg(self) -> bool:
         return self.guidance_scale != 1.0
+
+    @property
+    def chunk(self) -> int | None:
+        """Samples per model call where the batch is static (None: any)."""
+        return None if self.static_batch is None else self.static_batch // (2 if self.cfg else 1)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,6 +164,7 @@ def sample(
     record: bool = False,
     on_output: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None = None,
     progress: str | None = None,
+    x0: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Run the sampler on n samples. `model(i, feeds)` returns the raw output of step i;
     `on_output(i, raw, x)` may replace it (calibration corrections). Returns the final latents and,
@@ -165,7 +172,7 @@ def sample(
     from tqdm.auto import tqdm
 
     den = Denoiser(spec)
-    x = den.initial_latents(n, seed)
+    x = den.initial_latents(n, seed) if x0 is None else x0
     static = batched_feeds(spec, cond, uncond)
     trajectory = [x] if record else None
     mult = 2 if spec.cfg else 1
@@ -181,6 +188,35 @@ def sample(
         if record:
             trajectory.append(x)
     return x, (np.stack(trajectory, axis=1) if record else None)
+
+
+def sample_chunked(
+    spec: SamplingSpec,
+    make_model: Callable[[], ModelFn],
+    cond: dict[str, np.ndarray],
+    uncond: dict[str, np.ndarray],
+    n: int,
+    seed: int,
+    batched: set[str],
+    record: bool = False,
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`sample` for models whose export fixed the batch: samples go through in chunks of the static
+    batch, the last one padded by repeating its final sample. `make_model()` gives each chunk a
+    model function with fresh state. The noise is drawn for all n samples at once, as without chunks."""
+    size = spec.chunk or n
+    x0 = Denoiser(spec).initial_latents(n, seed)
+    finals, trajs = [], []
+    for start in range(0, n, size):
+        rows = list(range(start, min(n, start + size)))
+        padded = rows + [rows[-1]] * (size - len(rows))
+        pick = lambda d: {k: (v[padded] if k in batched else v) for k, v in d.items()}  # noqa: E731
+        final, traj = sample(spec, make_model(), pick(cond), pick(uncond), size, seed, record, progress=progress,
+                             x0=x0[padded])
+        finals.append(final[: len(rows)])
+        if record:
+            trajs.append(traj[: len(rows)])
+    return np.concatenate(finals), (np.concatenate(trajs) if record else None)
 
 
 def timesteps_of(spec: SamplingSpec) -> np.ndarray:

@@ -207,3 +207,33 @@ def test_packed_latent_flux_and_video_latte(zoo_export, tmp_path):
         assert m["verification"]["runtime_vs_calibration_max_rel_err"] <= 1e-4
         assert m["schedule"]["n_cached"] == 3 and m["sampling"]["timestep_scale"] == extra.get("timestep_scale", 1.0)
         assert (out / "report.html").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def static_batch_dit(tmp_path_factory):
+    """DiT exported the plain way, without dynamic axes: the batch is fixed at 2."""
+    import torch
+
+    from omnicache_export.zoo.families import FAMILIES
+
+    fam = FAMILIES["dit"]
+    feeds = fam.example_inputs(2, 0)
+    path = tmp_path_factory.mktemp("static") / "dit-b2.onnx"
+    with torch.no_grad():
+        torch.onnx.export(fam.build(0).eval(), tuple(torch.from_numpy(feeds[n]) for n in fam.input_names), str(path),
+                          dynamo=False, opset_version=17, input_names=fam.input_names, output_names=[fam.output_name])
+    return path
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_static_batch_export_is_chunked(static_batch_dit, guidance, tmp_path, capsys):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, class_labels=np.array([1, 2, 3], np.int64), **{"uncond/class_labels": np.full(3, 9, np.int64)})
+    out = tmp_path / "out"
+    opts = ExportOptions(steps=6, calib=calib, num_calib=3, guidance_scale=guidance, progress=False)
+    export(static_batch_dit, out, opts)
+    m = read_manifest(out)
+    assert m["sampling"]["static_batch"] == 2
+    assert m["verification"]["runtime_vs_calibration_max_rel_err"] <= 1e-4
+    assert main(["run", str(out), "--inputs", str(calib), "--out", str(tmp_path / "r.npz"), "-q"]) == 0
+    assert np.load(tmp_path / "r.npz")["latent"].shape == (3, 4, 8, 8)
