@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from omnicache_export import schedule as sched
 from omnicache_export.filters import StageFilter, apply_filter_numpy, candidate_grid, dft_filter_matrices
 from omnicache_export.sampler import SamplingSpec, sample_chunked
+from omnicache_export.schedule_corrected import PairCost, corrected_errors, solve_pairwise_schedule
 from omnicache_export.trajectory import CurvatureStats, trajectory_curvature
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 FullFn = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, dict[str, np.ndarray]]]
 CacheFn = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], np.ndarray]
 GAMMA_SCALES = (0.8, 0.9, 1.1, 1.2)  # line search around gamma = 1 on the final deviation
+RECORD_BUDGET_BYTES = 2 << 30  # the reference run's per-step records for the correction-aware schedule
 
 
 # ------------------------------------------------------------------ correction
@@ -182,11 +184,16 @@ class CalibrationPlan:
     correction: str = "auto"
 
 
-def schedule_candidates(kappa: np.ndarray, plan: CalibrationPlan, n_steps: int) -> list[sched.Schedule]:
-    """Curvature DP with runs of 1 and of up to max_consecutive, staleness-aware DP, alternation."""
+def schedule_candidates(
+    kappa: np.ndarray, plan: CalibrationPlan, n_steps: int, pair_cost: PairCost | None = None
+) -> list[sched.Schedule]:
+    """Curvature DP with runs of 1 and of up to max_consecutive, staleness-aware DP, alternation,
+    and (given the corrected errors of the reference run) the correction-aware DP."""
     m, k, last = plan.n_cached, plan.max_consecutive, plan.allow_last_cached
     cost = np.nan_to_num(kappa[:n_steps], nan=0.0)
     out = []
+    if pair_cost is not None:
+        out.append(solve_pairwise_schedule(n_steps, m, pair_cost, k, last))
     for runs in sorted({1, k}):
         if m <= sched.max_cached(n_steps, runs, last):
             s = sched.solve_schedule(n_steps, m, cost, runs, last)
@@ -228,12 +235,39 @@ def calibrate(
 
     timesteps = timesteps_of(spec)
     logger.info("pass 1: %d reference samples, %d steps", n_samples, n)
+    # The reference run also records each step's feeds, outputs and caches (one chunk of samples:
+    # the correction-aware schedule's costs are measured on them).
+    records: list[tuple[dict, np.ndarray, dict]] = []
+    recording = {"on": spec.chunk is None or spec.chunk >= n_samples}
+
+    def reference_model():
+        def model(i: int, feeds: dict) -> np.ndarray:
+            out, caches = full_fn(feeds)
+            if recording["on"]:
+                step_bytes = out.nbytes + sum(v.nbytes for v in [*feeds.values(), *caches.values()])
+                if step_bytes * n > RECORD_BUDGET_BYTES:  # big models: skip that candidate, keep memory
+                    recording["on"] = False
+                    records.clear()
+                    logger.info("correction-aware schedule skipped: %d MB of records needed", step_bytes * n >> 20)
+                else:
+                    records.append((feeds, out, caches))
+            return out
+
+        return model
+
     reference, traj = sample_chunked(
-        spec, lambda: (lambda i, f: full_fn(f)[0]), cond, uncond, n_samples, seed, _batched(batched, cond),
+        spec, reference_model, cond, uncond, n_samples, seed, _batched(batched, cond),
         record=True, progress="calibration: reference trajectories" if progress else None,
     )
     curvature = trajectory_curvature(traj)
-    schedules = schedule_candidates(curvature.mean, plan, n) if plan.n_cached else [sched.Schedule(np.ones(n, bool), name="no cache")]
+    pair_cost = None
+    if plan.n_cached and records and (plan.schedules is None or "corrected-error-dp".startswith(plan.schedules)):
+        outputs = [r[1] for r in records]
+        pair_cost = corrected_errors(outputs, lambda i, j: cache_fn(records[i][0], records[j][2]),
+                                     timesteps, plan.max_consecutive)
+    schedules = (schedule_candidates(curvature.mean, plan, n, pair_cost) if plan.n_cached
+                 else [sched.Schedule(np.ones(n, bool), name="no cache")])
+    records.clear()
 
     def none_correction() -> Correction:
         return Correction("none", np.full(n, np.nan))

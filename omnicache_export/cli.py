@@ -95,7 +95,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--cache-ratio {args.cache_ratio}: must be in [0, 1)")
     if args.speedup is not None and args.speedup < 1:
         raise UserError(f"--speedup {args.speedup}: must be at least 1")
-    families = ("curvature-dp", "staleness-dp", "alternation")
+    families = ("curvature-dp", "staleness-dp", "alternation", "corrected-error-dp")
     unknown = set(args.schedules.split(",")) - set(families) if args.schedules else set()
     if unknown:
         raise UserError(f"--schedules: unknown {', '.join(sorted(unknown))} (choose from {', '.join(families)})")
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-filters", action="store_true", help="do not try frequency filters in calibration")
     p.add_argument("--correction", choices=["auto", "none", "gamma1", "gamma"], default="auto",
                    help="correction candidates: all (auto), none, gamma = 1 only, or fitted gammas without filters")
-    p.add_argument("--schedules", help="comma-separated schedule families to try: curvature-dp,staleness-dp,alternation")
+    p.add_argument("--schedules", help="comma-separated schedule families to try: curvature-dp,staleness-dp,alternation,corrected-error-dp")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)
