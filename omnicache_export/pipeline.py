@@ -105,8 +105,8 @@ class _Engines:
     """Calibration's view of the two graphs: full -> (output, caches); cache -> uncorrected output."""
 
     def __init__(self, folder: Path, spec: SamplingSpec, n_caches: int):
-        self.full = OnnxRuntimeEngine(folder / "full.onnx")
-        self.cache = OnnxRuntimeEngine(folder / UNCORRECTED)
+        self.full = OnnxRuntimeEngine(folder / "full.onnx", spinning=False)  # as the runtime runs them
+        self.cache = OnnxRuntimeEngine(folder / UNCORRECTED, spinning=False)
         self.output = spec.output
         self.caches = [cache_name(i) for i in range(n_caches)]
         self.full_in = [s.name for s in self.full.inputs]

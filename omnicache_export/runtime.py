@@ -20,11 +20,12 @@ from omnicache_export.sampler import Denoiser, SamplingSpec, batched_feeds
 STEP, PREV, PREV2 = "omnicache_step", "omnicache_full_prev", "omnicache_full_prev2"
 
 
-def load_engine(path: Path, backend: str, device: str) -> Engine:
+def load_engine(path: Path, backend: str, device: str, threads: int | None = None) -> Engine:
     if backend == "onnxruntime":
         from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path, device=device)
+        # The two sessions alternate: neither may spin-wait on the cores the other needs.
+        return OnnxRuntimeEngine(path, device=device, threads=threads, spinning=False)
     raise ValueError(f"unknown backend {backend!r} (this version ships the onnxruntime backend)")
 
 
@@ -40,17 +41,20 @@ class OmniCache:
         graphs: dict[str, str],
         backend: str = "onnxruntime",
         device: str = "cpu",
+        threads: int | None = None,
     ):
         self.dir = Path(folder)
         self.spec = spec
         self.full_steps = np.asarray(full_steps, dtype=bool)
         self.cache_names = list(cache_names)
-        self.full = load_engine(self.dir / graphs["full"], backend, device)
-        self.cache = load_engine(self.dir / graphs["cache"], backend, device)
+        self.full = load_engine(self.dir / graphs["full"], backend, device, threads)
+        self.cache = load_engine(self.dir / graphs["cache"], backend, device, threads)
         self._cache_inputs = [s.name for s in self.cache.inputs]
 
     @classmethod
-    def load(cls, out_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu") -> OmniCache:
+    def load(
+        cls, out_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None
+    ) -> OmniCache:
         """Read the manifest (refusing unknown versions and changed artifacts) and load both engines."""
         manifest = read_manifest(out_dir)
         if backend not in manifest["engines"]:
@@ -63,6 +67,7 @@ class OmniCache:
             manifest["engines"][backend],
             backend,
             device,
+            threads,
         )
         rt.manifest = manifest
         return rt

@@ -332,6 +332,7 @@ def save_reference(spec: ReferenceSpec, model: nn.Module, config: dict[str, Any]
         tensors[CAPTION_KEY] = torch.from_numpy(np.ascontiguousarray(captions, dtype=np.float32))
     wpath, cpath = folder / spec.weights_path.name, folder / spec.config_path.name
     save_file(tensors, str(wpath), metadata={"name": spec.name, "format": "pt"})
+    wpath.chmod(0o644)
     cpath.write_text(json.dumps(config, indent=1, default=float) + "\n")
     _load_cached.cache_clear()
     return wpath, cpath
@@ -392,13 +393,19 @@ class DigitClassifier:
     """
 
     def __init__(self):
-        from sklearn.decomposition import PCA
         from sklearn.svm import SVC
 
         images, labels = _digits()
-        x = images.reshape(len(images), -1)
+        x = images.reshape(len(images), -1).astype(np.float64)
         self.svc = SVC(C=10.0, gamma="scale", decision_function_shape="ovr").fit(x, labels)
-        self.pca = PCA(n_components=64, svd_solver="full").fit(x)
+        # PCA by eigendecomposition of the 64x64 covariance (sklearn's PCA is slow on a busy box), with
+        # each component's sign fixed (largest entry positive) so features are deterministic.
+        self.mean = x.mean(0)
+        evals, evecs = np.linalg.eigh(np.cov(x - self.mean, rowvar=False))
+        order = np.argsort(evals)[::-1]
+        comps = evecs[:, order].T
+        comps *= np.sign(comps[np.arange(64), np.abs(comps).argmax(1)])[:, None]
+        self.components, self.explained_variance = comps, evals[order]
 
     @staticmethod
     def _flat(images: np.ndarray) -> np.ndarray:
@@ -414,7 +421,7 @@ class DigitClassifier:
     def features(self, images: np.ndarray, kind: str = "pca") -> np.ndarray:
         x = self._flat(images)
         if kind == "pca":
-            return self.pca.transform(x)
+            return (x - self.mean) @ self.components.T
         if kind == "classifier":
             return self.svc.decision_function(x)
         raise ValueError(f"kind must be 'pca' or 'classifier', got {kind!r}")
@@ -430,11 +437,11 @@ def digit_classifier() -> DigitClassifier:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a [N, D] and b [M, D]."""
-    from scipy import linalg
-
+    """Fréchet distance between Gaussians fitted to feature sets a [N, D] and b [M, D]:
+    |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), the trace term from the eigenvalues of S1 S2 (real and
+    non-negative for PSD S1, S2; constant features such as the digits' always-blank pixels are fine)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root_trace = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0.0, None)).sum()
+    return float(max(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * root_trace, 0.0))
