@@ -9,8 +9,8 @@ bundled digits (1797 8x8 images, 10 classes) by `tools/train_reference.py`, whic
 - `pixart-digits`: `PixArtTransformer2DModel` conditioned on a fixed random "caption" per class
   (8 tokens x 32, seeded, stored with the weights; zeros are the null caption), rectified flow,
   `FlowMatchEulerDiscreteScheduler`.
-- `latte-digits`: `LatteTransformer3DModel` on 4-frame clips of a digit rolling one pixel per frame
-  (right, left, down or up, wrapping around the 8x8 canvas), same caption conditioning, rectified flow.
+- `latte-digits`: `LatteTransformer3DModel` on 4-frame clips of a digit rolling one pixel per frame to
+  the right (wrapping around the 8x8 canvas), same caption conditioning, rectified flow.
 
 Latents are the images themselves, 1 channel in [-1, 1]. The models are zoo-style subclasses of
 the diffusers classes (forward takes positional tensors in `input_names` order, returns the sample),
@@ -125,7 +125,7 @@ REFERENCES: dict[str, ReferenceSpec] = {
             objective="flow", scheduler=FLOW_EULER, steps=20, guidance_scale=2.0,
             latent_shape=(1, FRAMES, 8, 8),
             notes="Latte (spatial and temporal blocks alternate) on [B, 1, 4, 8, 8] clips of a digit rolling "
-                  "1 px per frame (right/left/down/up, wrapping); caption conditioning like PixArt; rectified flow",
+                  "1 px per frame to the right (wrapping); caption conditioning like PixArt; rectified flow",
         ),
     )
 }
@@ -151,6 +151,9 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
 
 # Motion of the latte clips: frame f is the digit rolled by f pixels along (axis, sign).
 MOTIONS = ((-1, 1), (-1, -1), (-2, 1), (-2, -1))  # right, left, down, up
+# The latte reference trains on rightward motion only: with all four, 12 min of CPU training gave good first
+# frames (97.5 % classified) but frames 2-3 lost the digit (65-73 %): 82 % over all frames at guidance 4.
+TRAIN_MOTIONS = (0,)
 
 
 def make_clips(images: np.ndarray, motions: np.ndarray, frames: int = FRAMES) -> np.ndarray:
