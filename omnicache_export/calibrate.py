@@ -36,14 +36,21 @@ RECORD_BUDGET_BYTES = 2 << 30  # the reference run's per-step records for the co
 
 @dataclasses.dataclass
 class Correction:
-    """ô_i = õ_i + coefficients[i] · F_i(o_j − o_j'), coefficients[i] = gammas[i] · a_i."""
+    """ô_i = b_i + coefficients[i] · F_i(o_j − o_j'), coefficients[i] = gammas[i] · a_i, where the
+    base b_i is the cache graph's output õ_i, or with `blend` the last full output o_j itself
+    (output extrapolation: õ_i already moves with x_i and t_i, so adding the whole trend to it
+    counts part of the change twice)."""
 
     name: str
     gammas: np.ndarray  # [N], NaN where no correction applies
     filter: StageFilter = dataclasses.field(default_factory=StageFilter)
+    blend: float = 0.0  # λ: base = õ + λ (o_j − õ), applied where a trend exists
 
     def coefficients(self, ratios: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(self.gammas), 0.0, np.nan_to_num(self.gammas) * ratios).astype(np.float32)
+
+    def blends(self, ratios: np.ndarray) -> np.ndarray:
+        return np.where((ratios > 0) & ~np.isnan(self.gammas), self.blend, 0.0).astype(np.float32)
 
     def masks(self, n_steps: int, hw: tuple[int, int] | None) -> np.ndarray | None:
         if self.filter.is_all_pass or hw is None:
@@ -63,7 +70,12 @@ def extrapolation_ratios(full: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return ratios
 
 
-def apply_correction(out: np.ndarray, diff: np.ndarray, coef: float, mask: np.ndarray | None) -> np.ndarray:
+def apply_correction(
+    out: np.ndarray, diff: np.ndarray, coef: float, mask: np.ndarray | None, prev: np.ndarray | None = None,
+    blend: float = 0.0,
+) -> np.ndarray:
+    if blend:
+        out = out + np.float32(blend) * (prev - out)
     if coef == 0.0:
         return out
     if mask is not None:
@@ -93,6 +105,7 @@ def run_cached(
     masks: np.ndarray | None,
     fit_local: bool = False,
     batched: set[str] | None = None,
+    blends: np.ndarray | None = None,
 ) -> CachedRun:
     """Sample with a schedule and a correction, the runtime's dispatch with the correction in numpy.
     With `fit_local`, also run the full model at cached steps to accumulate the local least-squares
@@ -117,7 +130,9 @@ def run_cached(
             sums[1][i] += float(np.sum(q * q))
         if diff is None:
             return out
-        return apply_correction(out, diff, float(coefficients[i]), None if masks is None else masks[i])
+        blend = 0.0 if blends is None else float(blends[i])
+        return apply_correction(out, diff, float(coefficients[i]), None if masks is None else masks[i],
+                                state["prev"], blend)
 
     final, _ = sample_chunked(spec, make_model, cond, uncond, n, seed, _batched(batched, cond))
     return CachedRun(final, sums)
@@ -272,18 +287,19 @@ def calibrate(
     def none_correction() -> Correction:
         return Correction("none", np.full(n, np.nan))
 
-    def gamma(g: np.ndarray | float, name: str, filt: StageFilter | None = None) -> Correction:
-        return Correction(name, np.broadcast_to(np.asarray(g, float), (n,)).copy(), filt or StageFilter())
+    def gamma(g: np.ndarray | float, name: str, filt: StageFilter | None = None, blend: float = 0.0) -> Correction:
+        prefix = "output extrapolation, " if blend else ""
+        return Correction(prefix + name, np.broadcast_to(np.asarray(g, float), (n,)).copy(), filt or StageFilter(), blend)
 
     candidates: list[Candidate] = []
-    per_schedule = 1 if plan.correction in ("none", "gamma1") else 2
+    per_schedule = {"none": 1, "gamma1": 2}.get(plan.correction, 3)
     bar = tqdm(total=per_schedule * len(schedules), desc="calibration: schedules", disable=not progress)
 
     def evaluate(s: sched.Schedule, corr: Correction, fit_local: bool = False) -> tuple[Candidate, CachedRun]:
         ratios = extrapolation_ratios(s.full, timesteps)
         run = run_cached(
             spec, full_fn, cache_fn, cond, uncond, n_samples, seed, s.full,
-            corr.coefficients(ratios), corr.masks(n, filter_hw), fit_local, batched,
+            corr.coefficients(ratios), corr.masks(n, filter_hw), fit_local, batched, corr.blends(ratios),
         )
         scores = psnr(run.final, reference)
         cand = Candidate(s, corr, float(scores.mean()), float(scores.min()),
@@ -299,24 +315,30 @@ def calibrate(
             evaluate(s, none_correction())
         if plan.correction != "none":
             _, gamma_runs[s.pattern] = evaluate(s, gamma(1.0, "gamma=1"), fit_local=plan.fit_gamma)
+        if plan.correction in ("gamma", "auto"):
+            evaluate(s, gamma(1.0, "gamma=1", blend=1.0))
     bar.close()
 
-    # Refine the correction on the schedule that did best with γ = 1: fitted γ and stage-aware filters.
-    corrected = [c for c in candidates if c.correction.name == "gamma=1"]
-    s = max(corrected, key=lambda c: c.psnr_db).schedule if corrected else schedules[0]
+    # Refine the correction that did best with γ = 1 (either base), on its schedule: fitted γ and
+    # stage-aware filters.
+    corrected = [c for c in candidates if c.correction.name.endswith("gamma=1")]
+    top = max(corrected, key=lambda c: c.psnr_db) if corrected else None
+    s = top.schedule if top else schedules[0]
+    blend = top.correction.blend if top else 0.0
     refine: list[Correction] = []
     if plan.correction in ("gamma", "auto") and plan.fit_gamma and s.n_cached:
-        sums = gamma_runs[s.pattern].local_fit
-        with np.errstate(invalid="ignore", divide="ignore"):
-            local = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
-        refine.append(Correction("local least-squares gamma", np.where(np.isnan(local), 1.0, local)))
-        refine += [gamma(g, f"gamma={g:g}") for g in GAMMA_SCALES]
+        if not blend:  # the local fit was accumulated for the cache-output base
+            sums = gamma_runs[s.pattern].local_fit
+            with np.errstate(invalid="ignore", divide="ignore"):
+                local = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
+            refine.append(Correction("local least-squares gamma", np.where(np.isnan(local), 1.0, local)))
+        refine += [gamma(g, f"gamma={g:g}", blend=blend) for g in GAMMA_SCALES]
         half = n // 2
         for early, late in ((0.9, 1.1), (1.1, 0.9)):
-            refine.append(Correction(f"gamma={early:g} before step {half}, {late:g} after",
-                                     np.where(np.arange(n) < half, early, late).astype(float)))
+            refine.append(gamma(np.where(np.arange(n) < half, early, late).astype(float),
+                                f"gamma={early:g} before step {half}, {late:g} after", blend=blend))
     if plan.correction == "auto" and plan.filters and filter_hw is not None and s.n_cached:
-        refine += [gamma(1.0, f"gamma=1 + filter {f.name}", f) for f in candidate_grid(n)[1:]]
+        refine += [gamma(1.0, f"gamma=1 + filter {f.name}", f, blend=blend) for f in candidate_grid(n)[1:]]
     for corr in tqdm(refine, desc="calibration: corrections", disable=not progress):
         evaluate(s, corr)
     best = max(candidates, key=lambda c: c.psnr_db)

@@ -184,7 +184,8 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
         best = result.best
         coefficients = best.correction.coefficients(result.ratios)
         masks = best.correction.masks(spec.n_steps, hw)
-        _embed(tmp, spec.output, coefficients, masks)
+        blends = best.correction.blends(result.ratios)
+        _embed(tmp, spec.output, coefficients, masks, blends)
         verification = _verify(tmp, spec, analysis, calib_cond, calib_uncond, k, opts.seed, result, batched)
         predicted = sched.speedup_of(spec.n_steps, best.schedule.n_cached, cost_ratio)
         body = {
@@ -207,6 +208,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
                 "gammas": _nan_list(best.correction.gammas),
                 "ratios": result.ratios.tolist(),
                 "coefficients": coefficients.tolist(),
+                "blend": blends.tolist(),
                 "filter": dataclasses.asdict(best.correction.filter) | {"name": best.correction.filter.name},
                 "stages": _stages(best.correction.filter, spec.n_steps),
                 "filter_hw": list(hw) if hw else None,
@@ -252,11 +254,11 @@ def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict, batched: set[str])
     return feeds
 
 
-def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarray | None) -> None:
+def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarray | None, blends: np.ndarray) -> None:
     from omnicache_export.passes.embed_correction import EmbedCorrectionPass
 
     model = modelio.load_model(folder / UNCORRECTED)
-    EmbedCorrectionPass(output, coefficients, masks)(model)
+    EmbedCorrectionPass(output, coefficients, masks, blends)(model)
     modelio.save_model(model, folder / "cache.onnx", external=modelio.uses_external_data(model) or None)
     check_saved(folder / "cache.onnx")
     del model

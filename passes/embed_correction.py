@@ -4,9 +4,9 @@ New graph inputs: `omnicache_step` (int64 [1]), `omnicache_full_prev` and `omnic
 (dtype and shape of the output: the model outputs of the last two full steps). The output keeps its
 name and declared shape and becomes
 
-    out = õ + coef[step] * F_step(full_prev - full_prev2)
+    out = õ + λ[step] * (full_prev - õ) + coef[step] * F_step(full_prev - full_prev2)
 
-with õ the value the graph computed before and F_step(z) = Re(IDFT2(M_step * DFT2(z))) over the last
+(λ, optional, moves the prediction's base from the cache output to the last full output), with õ the value the graph computed before and F_step(z) = Re(IDFT2(M_step * DFT2(z))) over the last
 two axes, lowered to real Hartley MatMuls (see omnicache_export.filters):
 
     F(z) = H_h @ ((M / (h w)) * (H_h @ z @ H_w)) @ H_w
@@ -43,6 +43,7 @@ FULL_PREV = "omnicache_full_prev"
 FULL_PREV2 = "omnicache_full_prev2"
 COEFFICIENTS = "omnicache_coefficients"
 MASKS = "omnicache_filter_masks"
+BLEND = "omnicache_blend"
 
 _FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
 _WIDEN = {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}
@@ -61,11 +62,16 @@ def correction_reference(out_tilde, full_prev, full_prev2, coef: float, mask: np
 
 
 class EmbedCorrectionPass(ir.passes.InPlacePass):
-    def __init__(self, output_name: str, coefficients: np.ndarray, masks: np.ndarray | None = None):
-        """coefficients [N]: the per-step factor, 0 at full steps; masks [N, h, w] (unscaled) or None."""
+    def __init__(
+        self, output_name: str, coefficients: np.ndarray, masks: np.ndarray | None = None, blend: np.ndarray | None = None
+    ):
+        """coefficients [N]: the per-step factor, 0 at full steps; masks [N, h, w] (unscaled) or None;
+        blend [N] or None: λ_i, the base of the prediction moves from õ to the last full output,
+        õ + λ_i (full_prev − õ) (λ = 1: extrapolate the output itself, 0: correct the cache output)."""
         super().__init__()
         self.output_name = output_name
         self.coefficients = np.asarray(coefficients, dtype=np.float64)
+        self.blend = None if blend is None or not np.any(blend) else np.asarray(blend, dtype=np.float64)
         self.masks = None if masks is None else np.asarray(masks, dtype=np.float64)
         if self.masks is not None and self.masks.size and np.all(self.masks == 1.0):
             self.masks = None  # all-pass everywhere: no filter
@@ -74,7 +80,7 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
         return next((v for v in model.graph.outputs if v.name == self.output_name), None)
 
     def _new_names(self) -> list[str]:
-        names = [STEP, FULL_PREV, FULL_PREV2, COEFFICIENTS, f"{self.output_name}_uncorrected"]
+        names = [STEP, FULL_PREV, FULL_PREV2, COEFFICIENTS, BLEND, f"{self.output_name}_uncorrected"]
         if self.masks is not None:
             h, w = self.masks.shape[1:]
             names += [MASKS, f"omnicache_hartley_{h}", f"omnicache_hartley_{w}", "omnicache_mask_shape"]
@@ -158,8 +164,17 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
             corr = op("MatMul", op("MatMul", left, op("Mul", spectrum, scale)), right)
         if compute != out_type:
             corr = op("Cast", corr, to=out_type)
+        base = out_tilde
+        if self.blend is not None:
+            delta = op("Sub", prev, out_tilde)
+            if compute != out_type:
+                delta = op("Cast", delta, to=compute)
+            moved = op("Mul", delta, op("Gather", const(BLEND, self.blend), step, axis=0))
+            if compute != out_type:
+                moved = op("Cast", moved, to=out_type)
+            base = op("Add", out_tilde, moved)
         result = ir.Value(shape=out_tilde.shape, type=out_tilde.type)
-        nodes.append(ir.node("Add", [out_tilde, corr], outputs=[result], name="omnicache/correction/out"))
+        nodes.append(ir.node("Add", [base, corr], outputs=[result], name="omnicache/correction/out"))
         graph.extend(nodes)  # after every producer of õ: the node list stays topologically sorted
 
         # Only the graph output is rewired: any node that read õ inside the graph keeps reading it.

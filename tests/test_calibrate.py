@@ -40,7 +40,7 @@ def test_calibration_picks_and_refines_correction():
     plan = CalibrationPlan(n_cached=6)
     result = calibrate(spec, full_fn, cache_fn, {}, {}, 2, 0, plan, (H, W), progress=False)
     names = [c.correction.name for c in result.candidates]
-    assert "none" in names and "gamma=1" in names
+    assert "none" in names and "gamma=1" in names and "output extrapolation, gamma=1" in names
     assert any(n.startswith("gamma=1 + filter") for n in names)
     assert "local least-squares gamma" in names
     best = result.best

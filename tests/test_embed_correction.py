@@ -209,3 +209,21 @@ def test_dtypes_ranks_and_rectangular_masks(dtype, shape, tmp_path):
         ref = correction_reference(np.maximum(x, 0), hist[FULL_PREV], hist[FULL_PREV2], coefficients[step], masks[step])
         tol = 2e-3 if dtype == np.float16 else 1e-5  # fp16: the final Add rounds to half precision
         assert max_rel_err(out.astype(np.float64), ref.astype(np.float64)) <= tol, step
+
+
+def test_blend_moves_the_base_to_the_last_full_output(split_case, tmp_path):
+    """λ = 1: the output extrapolates the last full output (õ unused); λ = 0: the cache output is corrected."""
+    cache, feeds, full_out = split_case("dit")
+    uncorrected = run_ort(cache, feeds)["out_sample"]
+    coefficients = np.array([0.0, 0.5, 1.0], np.float32)
+    blend = np.array([0.0, 1.0, 0.0], np.float32)
+    model = ir.load(cache)
+    EmbedCorrectionPass("out_sample", coefficients, None, blend)(model)
+    ir.save(model, tmp_path / "b.onnx")
+    onnx.checker.check_model(str(tmp_path / "b.onnx"))
+    hist = history(full_out.shape, np.random.default_rng(5))
+    d = hist[FULL_PREV] - hist[FULL_PREV2]
+    out1 = run_ort(tmp_path / "b.onnx", {**feeds, **hist, STEP: np.array([1], np.int64)})["out_sample"]
+    np.testing.assert_allclose(out1, hist[FULL_PREV] + 0.5 * d, rtol=0, atol=1e-5)
+    out2 = run_ort(tmp_path / "b.onnx", {**feeds, **hist, STEP: np.array([2], np.int64)})["out_sample"]
+    np.testing.assert_allclose(out2, uncorrected + d, rtol=0, atol=1e-5)

@@ -1,0 +1,84 @@
+"""Shared plumbing for the peers that run through OmniCache's own ONNX graphs: the full graph (with
+the stack residual output) and the cache graph of an export calibrated with `correction="none"`,
+whose embedded coefficients are all zero, so it computes the uncorrected cache step. Only the
+method (schedule, what is fed as the cache) differs from OmniCache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from omnicache_export.calibrate import extrapolation_ratios
+from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
+from omnicache_export.runtime import PREV, PREV2, STEP
+from omnicache_export.sampler import SamplingSpec, sample, timesteps_of
+
+from ._torch import PeerRun
+
+
+@dataclasses.dataclass
+class OnnxCase:
+    folder: Path  # an export with correction "none"
+    spec: SamplingSpec
+    cond: dict
+    uncond: dict
+    n: int
+    seed: int
+    target_full: int
+
+
+class Graphs:
+    def __init__(self, folder: Path):
+        manifest = json.loads((folder / "omnicache.json").read_text())
+        if any(c != 0.0 for c in manifest["correction"]["coefficients"]):
+            raise ValueError(f"{folder}: the cache graph embeds a correction; the peers need an uncorrected one")
+        self.full = OnnxRuntimeEngine(folder / "full.onnx")
+        self.cache = OnnxRuntimeEngine(folder / "cache.onnx")
+        self.output = manifest["sampling"]["output"]
+        self.names = manifest["io"]["cache_tensors"]
+        self.full_in = [s.name for s in self.full.inputs]
+        self.cache_in = [s.name for s in self.cache.inputs]
+
+    def run_full(self, feeds: dict) -> tuple[np.ndarray, dict]:
+        out = self.full.run({k: feeds[k] for k in self.full_in})
+        return out[self.output], {k: out[k] for k in self.names}
+
+    def run_cache(self, i: int, feeds: dict, caches: dict, like: np.ndarray) -> np.ndarray:
+        zeros = np.zeros_like(like)
+        extra = {STEP: np.array([i], np.int64), PREV: zeros, PREV2: zeros, **caches}
+        return self.cache.run({k: extra[k] if k in extra else feeds[k] for k in self.cache_in})[self.output]
+
+    def close(self) -> None:
+        self.full.close()
+        self.cache.close()
+
+
+def run_schedule(case: OnnxCase, full: np.ndarray, extrapolate: bool) -> PeerRun:
+    """Sample with a static schedule; at cached steps feed the last full step's residual R_j, or with
+    `extrapolate` R_j + a_i (R_j − R_j') (a_i: the time ratio of `calibrate.extrapolation_ratios`)."""
+    g = Graphs(case.folder)
+    ratios = extrapolation_ratios(full, timesteps_of(case.spec))
+    state: dict = {"r": None, "r2": None, "out": None}
+
+    def model(i: int, feeds: dict) -> np.ndarray:
+        if full[i]:
+            out, caches = g.run_full(feeds)
+            state["r2"], state["r"], state["out"] = state["r"], caches, out
+            return out
+        caches = state["r"]
+        if extrapolate and state["r2"] is not None and ratios[i] != 0.0:
+            a = np.float32(ratios[i])
+            caches = {k: v + a * (v - state["r2"][k]) for k, v in caches.items()}
+        return g.run_cache(i, feeds, caches, state["out"])
+
+    try:
+        t0 = time.perf_counter()
+        final, _ = sample(case.spec, model, case.cond, case.uncond, case.n, case.seed)
+        wall = time.perf_counter() - t0
+    finally:
+        g.close()
+    return PeerRun(final, int(np.sum(full)), wall)
