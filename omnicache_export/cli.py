@@ -185,24 +185,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
+    import warnings
+
     try:
-        from omnicache_export.zoo.export import export_family
+        from omnicache_export.zoo import reference
+        from omnicache_export.zoo.export import export_family, write_inputs_npz
         from omnicache_export.zoo.families import FAMILIES
     except ImportError as exc:
-        raise UserError(f"the example models need torch and diffusers ({exc}); pip install 'omnicache-export[export]'")
-    if args.family not in FAMILIES:
-        raise UserError(f"unknown family {args.family!r} (choose from {', '.join(sorted(FAMILIES))})")
+        raise UserError(f"the example models need torch, diffusers and onnxscript ({exc}); pip install 'omnicache-export[export]'")
+    names = sorted(FAMILIES) + sorted(reference.REFERENCES)
+    if args.family not in names:
+        raise UserError(f"unknown example {args.family!r} (choose from {', '.join(names)})")
     if args.output.exists() and not args.force:
         raise UserError(f"{args.output} already exists (pass --force to replace it)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    import warnings
-
-    from omnicache_export.zoo.export import write_inputs_npz
-
+    inputs = args.output.with_suffix(".inputs.npz")
     with warnings.catch_warnings():  # the exporters' tracer chatter is not the user's concern
         warnings.simplefilter("ignore")
+        if args.family in reference.REFERENCES:  # trained on digits: one condition per class
+            path = reference.export_reference(args.family, args.output, exporter=args.exporter)
+            reference.write_calib_npz(args.family, list(range(10)), inputs)
+            sched = reference.scheduler_json(args.family, args.output.with_suffix(".scheduler.json"))
+            spec = reference.REFERENCES[args.family]
+            print(f"wrote {path} ({args.family}: trained on scikit-learn's digits), {inputs} (10 class conditions) "
+                  f"and {sched}\ntry: omnicache-export {path} -o OUT --calib {inputs} --scheduler {sched} "
+                  f"--guidance-scale {spec.guidance_scale:g} --steps {spec.steps}")
+            return 0
         path = export_family(args.family, args.output, exporter=args.exporter, external_data=args.external_data)
-    inputs = write_inputs_npz(args.family, args.output.with_suffix(".inputs.npz"), batch=2, seed=0)
+    write_inputs_npz(args.family, inputs, batch=2, seed=0)
     print(f"wrote {path} ({args.family}, {args.exporter} exporter, random weights) and {inputs} (example conditioning)")
     return 0
 
@@ -260,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_split)
 
     p = verbs.add_parser("example", help="export a tiny random-weight diffusers DiT to try the tool on")
-    p.add_argument("family", help="dit, pixart, latte, stdit, sd3, flux, cogvideox, ...")
+    p.add_argument("family", help="a trained reference (dit-digits, pixart-digits, latte-digits) or a random-weight "
+                   "family (dit, pixart, latte, stdit, sd3, flux, cogvideox, ...)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     p.add_argument("--external-data", action="store_true", help="save the weights in a side file")

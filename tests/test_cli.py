@@ -144,3 +144,13 @@ def test_split_refuses_existing_output(zoo_export, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["split", str(zoo_export("dit", "torchscript")), "-o", str(out), "--force"]) == 0
     assert (out / "cache.onnx").is_file()
+
+
+def test_example_reference_writes_model_conditioning_and_scheduler(tmp_path, capsys):
+    out = tmp_path / "dit.onnx"
+    assert main(["example", "dit-digits", "-o", str(out)]) == 0
+    assert out.is_file() and (tmp_path / "dit.inputs.npz").is_file() and (tmp_path / "dit.scheduler.json").is_file()
+    labels = np.load(tmp_path / "dit.inputs.npz")["class_labels"]
+    assert labels.tolist() == list(range(10))
+    assert "omnicache-export" in capsys.readouterr().out
+    assert main(["example", "nope", "-o", str(tmp_path / "x.onnx")]) == 2
