@@ -65,6 +65,9 @@ def sampling_spec(analysis: ModelAnalysis, opts: ExportOptions) -> SamplingSpec:
     if any(not isinstance(d, int) or d <= 0 for d in shape):
         raise UserError(f"the latent {latent.name!r} has dynamic dimensions {latent.shape}: give --latent-shape C,H,W")
     timestep = analysis.role("timestep")
+    if not timestep and any(s.role == "conditioning" and len(s.shape) <= 1 and s.dtype.startswith("FLOAT")
+                            for s in analysis.io):
+        logger.warning("no timestep input recognised by name: the sampler feeds none (name it with --timestep)")
     output = analysis.role("output")[0]
     out_shape = analysis.shapes_b1.get(output.name)
     learned_sigma = bool(out_shape and len(out_shape) == len(shape) + 1 and out_shape[1] == 2 * shape[0])

@@ -65,6 +65,7 @@ def guess_roles(model: ir.Model, latent: str | None = None, timestep: str | None
     if timestep is None:
         small = [v for v in inputs if v.name != latent and len(_dims(v)) <= 1]
         by_name = [v for v in small if v.name.lower() in TIMESTEP_NAMES or "timestep" in v.name.lower()]
+        by_name = by_name or [v for v in small if "time" in v.name.lower() or "sigma" in v.name.lower()]
         timestep = by_name[0].name if by_name else None
     specs = []
     for v in inputs:
