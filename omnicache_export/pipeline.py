@@ -246,15 +246,10 @@ def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict, batched: set[str])
     from omnicache_export.sampler import Denoiser
 
     den = Denoiser(spec)
-    mult = 2 if spec.cfg else 1
     size = spec.chunk or 1
     cond = {k: np.repeat(v, size, axis=0) if k in batched else v for k, v in cond.items()}
     uncond = {k: np.repeat(v, size, axis=0) if k in batched else v for k, v in uncond.items()}
-    feeds = batched_feeds(spec, cond, uncond)
-    feeds[spec.latent] = den.latent_feed(0, den.initial_latents(size, 0), mult)
-    if spec.timestep:
-        feeds[spec.timestep] = den.timestep_feed(0, size * mult)
-    return feeds
+    return den.feeds(0, den.initial_latents(size, 0), batched_feeds(spec, cond, uncond))
 
 
 def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarray | None, blends: np.ndarray) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from omnicache_export.engines.base import Engine
 from omnicache_export.manifest import read_manifest
 from omnicache_export.passes.cache_names import CACHE
-from omnicache_export.sampler import Denoiser, SamplingSpec, batched_feeds
+from omnicache_export.sampler import Denoiser, SamplingSpec, batched_feeds, chunks
 
 STEP, PREV, PREV2 = "omnicache_step", "omnicache_full_prev", "omnicache_full_prev2"
 
@@ -89,9 +89,7 @@ class OmniCache:
         size = self.spec.chunk or n
         x0 = Denoiser(self.spec).initial_latents(n, seed)
         out = []
-        for start in range(0, n, size):
-            rows = list(range(start, min(n, start + size)))
-            padded = rows + [rows[-1]] * (size - len(rows))
+        for rows, padded in chunks(n, size):
             pick = lambda d: {k: (v[padded] if k in batched else v) for k, v in d.items()}  # noqa: E731
             gen = self.generation(pick(cond), pick(uncond), size, seed, no_cache, x0[padded])
             while not gen.done:
@@ -125,12 +123,7 @@ class Generation:
         return self.i >= self.rt.spec.n_steps
 
     def _feeds(self) -> dict[str, np.ndarray]:
-        spec, mult = self.rt.spec, (2 if self.rt.spec.cfg else 1)
-        feeds = dict(self.static)
-        feeds[spec.latent] = self.den.latent_feed(self.i, self.x, mult)
-        if spec.timestep:
-            feeds[spec.timestep] = self.den.timestep_feed(self.i, self.n * mult)
-        return feeds
+        return self.den.feeds(self.i, self.x, self.static)
 
     def step(self) -> np.ndarray:
         spec, rt = self.rt.spec, self.rt
@@ -142,9 +135,9 @@ class Generation:
             self.prev2, self.prev = self.prev, raw
             self.full_steps += 1
         else:
-            zeros = np.zeros_like(self.prev)
-            extra = {STEP: np.array([self.i], np.int64), PREV: self.prev,
-                     PREV2: self.prev2 if self.prev2 is not None else zeros, **self.caches}
+            # Before two full steps the coefficient is 0: any finite prev2 will do.
+            prev2 = self.prev2 if self.prev2 is not None else np.zeros_like(self.prev)
+            extra = {STEP: np.array([self.i], np.int64), PREV: self.prev, PREV2: prev2, **self.caches}
             raw = rt.cache.run({name: extra[name] if name in extra else feeds[name] for name in rt._cache_inputs})[spec.output]
             self.cached_steps += 1
         self.x = self.den.step(self.i, self.den.guided(raw), self.x)

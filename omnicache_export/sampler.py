@@ -121,6 +121,15 @@ class Denoiser:
             return np.full(shape, t, dtype=np.dtype(self.spec.timestep_dtype))
         return np.full((batch,), t, dtype=np.dtype(self.spec.timestep_dtype))
 
+    def feeds(self, i: int, x: np.ndarray, static: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's feeds at step i: conditioning (`static`, from `batched_feeds`), latent, timestep."""
+        copies = 2 if self.spec.cfg else 1
+        feeds = dict(static)
+        feeds[self.spec.latent] = self.latent_feed(i, x, copies)
+        if self.spec.timestep:
+            feeds[self.spec.timestep] = self.timestep_feed(i, len(x) * copies)
+        return feeds
+
     def latent_feed(self, i: int, x: np.ndarray, copies: int) -> np.ndarray:
         """The model's latent input: scaled x, repeated for guidance, in the model's dtype."""
         x = self.model_input(i, x).astype(self.spec.latent_dtype, copy=False)
@@ -175,19 +184,21 @@ def sample(
     x = den.initial_latents(n, seed) if x0 is None else x0
     static = batched_feeds(spec, cond, uncond)
     trajectory = [x] if record else None
-    mult = 2 if spec.cfg else 1
     for i in tqdm(range(spec.n_steps), desc=progress, disable=progress is None, leave=False):
-        feeds = dict(static)
-        feeds[spec.latent] = den.latent_feed(i, x, mult)
-        if spec.timestep:
-            feeds[spec.timestep] = den.timestep_feed(i, n * mult)
-        raw = model(i, feeds)
+        raw = model(i, den.feeds(i, x, static))
         if on_output is not None:
             raw = on_output(i, raw, x)
         x = den.step(i, den.guided(raw), x)
         if record:
             trajectory.append(x)
     return x, (np.stack(trajectory, axis=1) if record else None)
+
+
+def chunks(n: int, size: int):
+    """(rows, padded rows) of each chunk of `size` samples; the last one padded with its final row."""
+    for start in range(0, n, size):
+        rows = list(range(start, min(n, start + size)))
+        yield rows, rows + [rows[-1]] * (size - len(rows))
 
 
 def sample_chunked(
@@ -207,9 +218,7 @@ def sample_chunked(
     size = spec.chunk or n
     x0 = Denoiser(spec).initial_latents(n, seed)
     finals, trajs = [], []
-    for start in range(0, n, size):
-        rows = list(range(start, min(n, start + size)))
-        padded = rows + [rows[-1]] * (size - len(rows))
+    for rows, padded in chunks(n, size):
         pick = lambda d: {k: (v[padded] if k in batched else v) for k, v in d.items()}  # noqa: E731
         final, traj = sample(spec, make_model(), pick(cond), pick(uncond), size, seed, record, progress=progress,
                              x0=x0[padded])

@@ -55,8 +55,3 @@ def indexed_modules(scope: str) -> list[tuple[str, int]]:
     parts = scope.split(".")
     return [(".".join(parts[:i]), int(part)) for i, part in enumerate(parts) if part.isdigit() and i > 0]
 
-
-def split_block_path(scope: str) -> tuple[str, int] | None:
-    """The outermost indexed module of a path: `m.blocks.3.attn` -> ('m.blocks', 3)."""
-    found = indexed_modules(scope)
-    return found[0] if found else None

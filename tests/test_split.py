@@ -9,7 +9,7 @@ import pytest
 
 from conftest import family_cases, max_rel_err, run_ort
 from omnicache_export.passes import graph_walk as gw
-from omnicache_export.passes.scopes import node_scope, split_block_path
+from omnicache_export.passes.scopes import indexed_modules, node_scope
 from omnicache_export.split import split
 from omnicache_export.zoo.families import FAMILIES
 
@@ -32,7 +32,7 @@ def stack_nodes_left(cache_path, latent: str) -> list[str]:
     left = []
     for node in model.graph:
         scope, _ = node_scope(node)
-        if node in on_stream and scope and split_block_path(scope) and "block" in split_block_path(scope)[0]:
+        if node in on_stream and scope and any("block" in prefix for prefix, _ in indexed_modules(scope)):
             left.append(node.name)
     return left
 
