@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from omnicache_export import schedule as sched
 from omnicache_export.filters import StageFilter, apply_filter_numpy, candidate_grid, dft_filter_matrices
 from omnicache_export.sampler import SamplingSpec, sample_chunked
-from omnicache_export.schedule_corrected import PairCost, corrected_errors, solve_pairwise_schedule
+from omnicache_export.schedule_corrected import PairCost, corrected_errors, solve_pairwise_schedule, weighted
+from omnicache_export.sensitivity import frozen_output_gains, step_weights
 from omnicache_export.trajectory import CurvatureStats, trajectory_curvature
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 FullFn = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, dict[str, np.ndarray]]]
 CacheFn = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], np.ndarray]
 GAMMA_SCALES = (0.8, 0.9, 1.1, 1.2)  # line search around gamma = 1 on the final deviation
+SENSITIVITY_EXPONENTS = (0.0, 0.25, 0.5)  # step weights of the correction-aware DP (`sensitivity`)
 RECORD_BUDGET_BYTES = 2 << 30  # the reference run's per-step records for the correction-aware schedule
 
 
@@ -37,20 +39,35 @@ RECORD_BUDGET_BYTES = 2 << 30  # the reference run's per-step records for the co
 @dataclasses.dataclass
 class Correction:
     """ô_i = b_i + coefficients[i] · F_i(o_j − o_j'), coefficients[i] = gammas[i] · a_i, where the
-    base b_i is the cache graph's output õ_i, or with `blend` the last full output o_j itself
-    (output extrapolation: õ_i already moves with x_i and t_i, so adding the whole trend to it
-    counts part of the change twice)."""
+    base b_i is the cache graph's output õ_i, or with `blend` λ moved towards the last full output,
+    b_i = õ_i + λ (o_j − õ_i) (λ = 1: output extrapolation; õ_i already moves with x_i and t_i, so
+    adding the whole trend to it counts part of the change twice). With `cache_trend` s the cache
+    graph itself is fed the cache carried forward, R̂ = R_j + s · a_i (R_j − R_j') (TaylorSeer's
+    first-order prediction of the stack output, the current embedding kept): õ_i = H(E(x_i) + R̂).
+    `mixed(λ)`: cache trend and output extrapolation averaged, (1 − λ) H(E + R̂) + λ (o_j + a_i Δo)."""
 
     name: str
     gammas: np.ndarray  # [N], NaN where no correction applies
     filter: StageFilter = dataclasses.field(default_factory=StageFilter)
     blend: float = 0.0  # λ: base = õ + λ (o_j − õ), applied where a trend exists
+    cache_trend: float = 0.0  # s: R̂ = R_j + s a_i (R_j − R_j'), applied where a trend exists
+
+    @classmethod
+    def mixed(cls, mix: float, n: int, scale: float | np.ndarray = 1.0, filt: StageFilter | None = None,
+              name: str | None = None) -> Correction:
+        gammas = np.broadcast_to(np.asarray(scale, float) * mix, (n,)).copy()
+        label = name or (f"cache trend, mix {mix:g}" + ("" if np.all(np.asarray(scale) == 1.0) else f", gamma={scale:g}"))
+        return cls(label, gammas, filt or StageFilter(), blend=mix, cache_trend=float(np.mean(scale)))
 
     def coefficients(self, ratios: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(self.gammas), 0.0, np.nan_to_num(self.gammas) * ratios).astype(np.float32)
 
     def blends(self, ratios: np.ndarray) -> np.ndarray:
         return np.where((ratios > 0) & ~np.isnan(self.gammas), self.blend, 0.0).astype(np.float32)
+
+    def trends(self, ratios: np.ndarray) -> np.ndarray:
+        """ρ_i = s · a_i: the cache trend's per-step factor (0 at full steps and before two full steps)."""
+        return (self.cache_trend * ratios).astype(np.float32)
 
     def masks(self, n_steps: int, hw: tuple[int, int] | None) -> np.ndarray | None:
         if self.filter.is_all_pass or hw is None:
@@ -70,6 +87,13 @@ def extrapolation_ratios(full: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return ratios
 
 
+def carried_caches(caches: dict, caches_prev: dict | None, rho: float) -> dict:
+    """R̂ = R + ρ (R − R_prev) for every cache tensor (the graph's ExtrapolateCachePass, in numpy)."""
+    if not rho or caches_prev is None:
+        return caches
+    return {k: v + np.float32(rho) * (v - caches_prev[k]) for k, v in caches.items()}
+
+
 def apply_correction(
     out: np.ndarray, diff: np.ndarray, coef: float, mask: np.ndarray | None, prev: np.ndarray | None = None,
     blend: float = 0.0,
@@ -81,6 +105,27 @@ def apply_correction(
     if mask is not None:
         diff = apply_filter_numpy(diff, dft_filter_matrices(mask.shape[0], mask.shape[1], mask))
     return out + np.float32(coef) * diff
+
+
+def pair_estimate(corr: Correction, records: list, cache_fn: CacheFn, timesteps: np.ndarray):
+    """estimate(i, j, j2): the prediction of step i's output by `corr` (at the scalar parameters of
+    its first corrected step) from the reference run's records (feeds, output, caches) of steps i,
+    j (last full) and j2 (the full step before; -1: none): what the runtime would compute at a
+    cached step i on the reference trajectory."""
+    g = np.nan_to_num(corr.gammas)
+    gamma_, s = float(g[0]) if g.size else 0.0, corr.cache_trend
+
+    def estimate(i: int, j: int, j2: int) -> np.ndarray:
+        feeds, _, _ = records[i]
+        _, out_j, caches_j = records[j]
+        if j2 < 0 or timesteps[j] == timesteps[j2]:
+            return cache_fn(feeds, caches_j)
+        _, out_j2, caches_j2 = records[j2]
+        a = (timesteps[i] - timesteps[j]) / (timesteps[j] - timesteps[j2])
+        out = cache_fn(feeds, carried_caches(caches_j, caches_j2, s * a))
+        return apply_correction(out, out_j - out_j2, gamma_ * a, None, out_j, corr.blend)
+
+    return estimate
 
 
 # ------------------------------------------------------------------ cached sampling
@@ -106,6 +151,7 @@ def run_cached(
     fit_local: bool = False,
     batched: set[str] | None = None,
     blends: np.ndarray | None = None,
+    trends: np.ndarray | None = None,
 ) -> CachedRun:
     """Sample with a schedule and a correction, the runtime's dispatch with the correction in numpy.
     With `fit_local`, also run the full model at cached steps to accumulate the local least-squares
@@ -113,15 +159,17 @@ def run_cached(
     sums = (np.zeros(len(full)), np.zeros(len(full))) if fit_local else None
 
     def make_model():  # fresh cache state for every chunk of samples
-        state: dict = {"caches": None, "prev": None, "prev2": None}
+        state: dict = {"caches": None, "caches_prev": None, "prev": None, "prev2": None}
         return lambda i, feeds: model(state, i, feeds)
 
     def model(state: dict, i: int, feeds: dict) -> np.ndarray:
         if full[i]:
             out, caches = full_fn(feeds)
-            state["caches"], state["prev2"], state["prev"] = caches, state["prev"], out
+            state["caches_prev"], state["caches"] = state["caches"], caches
+            state["prev2"], state["prev"] = state["prev"], out
             return out
-        out = cache_fn(feeds, state["caches"])
+        rho = 0.0 if trends is None else float(trends[i])
+        out = cache_fn(feeds, carried_caches(state["caches"], state["caches_prev"], rho))
         diff = state["prev"] - state["prev2"] if state["prev2"] is not None else None
         if fit_local and diff is not None and coefficients[i] != 0.0:
             truth, _ = full_fn(feeds)
@@ -190,7 +238,7 @@ class CalibrationResult:
 class CalibrationPlan:
     n_cached: int
     max_consecutive: int = 2
-    allow_last_cached: bool = False
+    allow_last_cached: bool | None = None  # None: candidates with the last step full and cached
     filters: bool = True
     fit_gamma: bool = True
     # Restrict the candidates (ablations): schedule families by name prefix, and the correction:
@@ -199,35 +247,51 @@ class CalibrationPlan:
     correction: str = "auto"
 
 
+def last_step_policies(plan: CalibrationPlan, n_steps: int) -> list[bool]:
+    """allow_last_cached values to build candidates for: both where the plan leaves it open and the
+    cached count fits with the last step full."""
+    if plan.allow_last_cached is not None:
+        return [plan.allow_last_cached]
+    fits_full_last = plan.n_cached <= sched.max_cached(n_steps, plan.max_consecutive, False)
+    return [False, True] if fits_full_last else [True]
+
+
 def schedule_candidates(
-    kappa: np.ndarray, plan: CalibrationPlan, n_steps: int, pair_cost: PairCost | None = None
+    kappa: np.ndarray, plan: CalibrationPlan, n_steps: int, pair_errors: dict[str, PairCost] | None = None,
+    weights: dict[float, np.ndarray] | None = None,
 ) -> list[sched.Schedule]:
     """Curvature DP with runs of 1 and of up to max_consecutive, staleness-aware DP, alternation,
-    and (given the corrected errors of the reference run) the correction-aware DP."""
-    m, k, last = plan.n_cached, plan.max_consecutive, plan.allow_last_cached
+    and (given each predictor's corrected errors on the reference run) the correction-aware DP for
+    each predictor under each step weighting in `weights` (exponent p -> weights), named
+    "... [predictor]"; each with the last step full and, where the plan allows, cached."""
+    m, k = plan.n_cached, plan.max_consecutive
     cost = np.nan_to_num(kappa[:n_steps], nan=0.0)
     out = []
-    if pair_cost is not None:
-        out.append(solve_pairwise_schedule(n_steps, m, pair_cost, k, last))
-    for runs in sorted({1, k}):
-        if m <= sched.max_cached(n_steps, runs, last):
-            s = sched.solve_schedule(n_steps, m, cost, runs, last)
-            s.name = f"curvature-dp (runs<={runs})"
+    for last in last_step_policies(plan, n_steps):
+        tail = ", last step cacheable" if last and plan.allow_last_cached is None else ""
+        for key, errors in (pair_errors or {}).items():
+            for p, w in (weights or {0.0: np.ones(n_steps)}).items():
+                name = f"corrected-error-dp (runs<={k}, p={p:g}{tail}) [{key}]"
+                out.append(solve_pairwise_schedule(n_steps, m, weighted(errors, w), k, last, name))
+        for runs in sorted({1, k}):
+            if m <= sched.max_cached(n_steps, runs, last):
+                s = sched.solve_schedule(n_steps, m, cost, runs, last)
+                s.name = f"curvature-dp (runs<={runs}{tail})"
+                out.append(s)
+        if k > 1:
+            s = sched.solve_schedule(n_steps, m, sched.staleness_cost(cost), k, last)
+            s.name = f"staleness-dp (runs<={k}{tail})"
             out.append(s)
-    if k > 1:
-        s = sched.solve_schedule(n_steps, m, sched.staleness_cost(cost), k, last)
-        s.name = f"staleness-dp (runs<={k})"
+        s = sched.alternating_schedule(n_steps, m, k, last)
+        s.name = "alternation" + (f" ({tail[2:]})" if tail else "")
         out.append(s)
-    s = sched.alternating_schedule(n_steps, m, k, last)
-    s.name = "alternation"
-    out.append(s)
     if plan.schedules is not None:
         out = [s for s in out if s.name.startswith(plan.schedules)]
         if not out:
             raise ValueError(f"no schedule candidate matches {plan.schedules} for {m} cached steps")
-    unique: dict[str, sched.Schedule] = {}
+    unique: dict[tuple[str, str], sched.Schedule] = {}  # a DP's schedule runs with its own predictor only
     for s in out:
-        unique.setdefault(s.pattern, s)
+        unique.setdefault((s.pattern, s.name[s.name.find(" [") + 1:] if s.name.endswith("]") else ""), s)
     return list(unique.values())
 
 
@@ -246,7 +310,7 @@ def calibrate(
 ) -> CalibrationResult:
     """`batched`: the conditioning inputs that carry a sample axis (default: all of them)."""
     n = spec.n_steps
-    from omnicache_export.sampler import timesteps_of
+    from omnicache_export.sampler import Denoiser, timesteps_of
 
     timesteps = timesteps_of(spec)
     logger.info("pass 1: %d reference samples, %d steps", n_samples, n)
@@ -275,31 +339,53 @@ def calibrate(
         record=True, progress="calibration: reference trajectories" if progress else None,
     )
     curvature = trajectory_curvature(traj)
-    pair_cost = None
-    if plan.n_cached and records and (plan.schedules is None or "corrected-error-dp".startswith(plan.schedules)):
-        outputs = [r[1] for r in records]
-        pair_cost = corrected_errors(outputs, lambda i, j: cache_fn(records[i][0], records[j][2]),
-                                     timesteps, plan.max_consecutive)
-    schedules = (schedule_candidates(curvature.mean, plan, n, pair_cost) if plan.n_cached
-                 else [sched.Schedule(np.ones(n, bool), name="no cache")])
-    records.clear()
 
     def none_correction() -> Correction:
         return Correction("none", np.full(n, np.nan))
 
-    def gamma(g: np.ndarray | float, name: str, filt: StageFilter | None = None, blend: float = 0.0) -> Correction:
-        prefix = "output extrapolation, " if blend else ""
-        return Correction(prefix + name, np.broadcast_to(np.asarray(g, float), (n,)).copy(), filt or StageFilter(), blend)
+    def gamma(g: np.ndarray | float, name: str, filt: StageFilter | None = None) -> Correction:
+        return Correction(name, np.broadcast_to(np.asarray(g, float), (n,)).copy(), filt or StageFilter())
 
+    # The two predictors the correction-aware DP plans for: the seed's (γ = 1 on the cache output)
+    # and ours (cache trend averaged with output extrapolation).
+    predictors = {"gamma=1": gamma(1.0, "gamma=1")}
+    if plan.correction in ("gamma", "auto"):
+        predictors["cache trend, mix 0.5"] = Correction.mixed(0.5, n)
+    pair_errors: dict[str, PairCost] = {}
+    weights = None
+    if (plan.n_cached and records and plan.correction != "none"
+            and (plan.schedules is None or "corrected-error-dp".startswith(plan.schedules))):
+        outputs = [r[1] for r in records]
+        for key, corr in predictors.items():
+            pair_errors[key] = corrected_errors(outputs, pair_estimate(corr, records, cache_fn, timesteps))
+        den = Denoiser(spec)
+        gains = frozen_output_gains(spec, [den.guided(o)[:1] for o in outputs], traj[:1, 0])
+        weights = {p: step_weights(gains, timesteps, p) for p in SENSITIVITY_EXPONENTS}
+    schedules = (schedule_candidates(curvature.mean, plan, n, pair_errors, weights) if plan.n_cached
+                 else [sched.Schedule(np.ones(n, bool), name="no cache")])
+    records.clear()
+
+    # Every schedule uncorrected and with each predictor at γ = 1: which steps are cached matters with
+    # a correction. (The DP's schedules are built for one predictor: only that one runs on them.)
+    runs: list[tuple[sched.Schedule, Correction]] = []
+    for s in schedules:
+        planned = next((key for key in predictors if s.name.endswith(f"[{key}]")), None)
+        if planned is not None:
+            runs.append((s, predictors[planned]))
+            continue
+        if plan.correction != "gamma1":
+            runs.append((s, none_correction()))
+        if plan.correction != "none":
+            runs += [(s, corr) for corr in predictors.values()]
     candidates: list[Candidate] = []
-    per_schedule = {"none": 1, "gamma1": 2}.get(plan.correction, 3)
-    bar = tqdm(total=per_schedule * len(schedules), desc="calibration: schedules", disable=not progress)
+    bar = tqdm(total=len(runs), desc="calibration: schedules", disable=not progress)
 
     def evaluate(s: sched.Schedule, corr: Correction, fit_local: bool = False) -> tuple[Candidate, CachedRun]:
         ratios = extrapolation_ratios(s.full, timesteps)
         run = run_cached(
             spec, full_fn, cache_fn, cond, uncond, n_samples, seed, s.full,
             corr.coefficients(ratios), corr.masks(n, filter_hw), fit_local, batched, corr.blends(ratios),
+            corr.trends(ratios),
         )
         scores = psnr(run.final, reference)
         cand = Candidate(s, corr, float(scores.mean()), float(scores.min()),
@@ -308,39 +394,47 @@ def calibrate(
         bar.update(1)
         return cand, run
 
-    # Every schedule with and without the γ = 1 correction: which steps are cached matters with it.
-    gamma_runs = {}
-    for s in schedules:
-        if plan.correction != "gamma1":
-            evaluate(s, none_correction())
-        if plan.correction != "none":
-            _, gamma_runs[s.pattern] = evaluate(s, gamma(1.0, "gamma=1"), fit_local=plan.fit_gamma)
-        if plan.correction in ("gamma", "auto"):
-            evaluate(s, gamma(1.0, "gamma=1", blend=1.0))
+    for s, corr in runs:
+        evaluate(s, corr)
     bar.close()
 
-    # Refine the correction that did best with γ = 1 (either base), on its schedule: fitted γ and
-    # stage-aware filters.
-    corrected = [c for c in candidates if c.correction.name.endswith("gamma=1")]
+    # Refine the best corrected candidate on its schedule: for the mixed predictor, the mix λ (λ = 1 is
+    # output extrapolation, 0 the cache trend alone); then a γ line search, per-stage γ and stage-aware
+    # filters on the output trend; for the seed's predictor, also the local least-squares γ.
+    corrected = [c for c in candidates if c.correction.name != "none"]
     top = max(corrected, key=lambda c: c.psnr_db) if corrected else None
-    s = top.schedule if top else schedules[0]
-    blend = top.correction.blend if top else 0.0
-    refine: list[Correction] = []
-    if plan.correction in ("gamma", "auto") and plan.fit_gamma and s.n_cached:
-        if not blend:  # the local fit was accumulated for the cache-output base
-            sums = gamma_runs[s.pattern].local_fit
+    if top is not None and plan.correction in ("gamma", "auto") and plan.fit_gamma and top.schedule.n_cached:
+        s = top.schedule
+        for corr in predictors.values():  # every predictor on the top schedule: the ablation is in the report
+            if not any(c.schedule is s and c.correction.name == corr.name for c in candidates):
+                evaluate(s, corr)
+        half = n // 2
+        stage = [np.where(np.arange(n) < half, early, late).astype(float) for early, late in ((0.9, 1.1), (1.1, 0.9))]
+        stage_names = [f"{early:g} before step {half}, {late:g} after" for early, late in ((0.9, 1.1), (1.1, 0.9))]
+        if top.correction.cache_trend:
+            mixes = [m for m in (0.0, 0.25, 0.75, 1.0) if m != top.correction.blend]
+            for m in tqdm(mixes, desc="calibration: mix", disable=not progress):
+                evaluate(s, Correction.mixed(m, n))
+            best_mix = max((c for c in candidates if c.schedule is s and c.correction.cache_trend),
+                           key=lambda c: c.psnr_db).correction.blend
+            refine = [Correction.mixed(best_mix, n, g) for g in GAMMA_SCALES]
+            refine += [Correction.mixed(best_mix, n, g, name=f"cache trend, mix {best_mix:g}, gamma={label}")
+                       for g, label in zip(stage, stage_names)]
+            if plan.correction == "auto" and plan.filters and filter_hw is not None and best_mix:
+                refine += [Correction.mixed(best_mix, n, 1.0, f, f"cache trend, mix {best_mix:g} + filter {f.name}")
+                           for f in candidate_grid(n)[1:]]
+        else:
+            _, run = evaluate(s, gamma(1.0, "gamma=1 (local fit pass)"), fit_local=True)
+            sums = run.local_fit
             with np.errstate(invalid="ignore", divide="ignore"):
                 local = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
-            refine.append(Correction("local least-squares gamma", np.where(np.isnan(local), 1.0, local)))
-        refine += [gamma(g, f"gamma={g:g}", blend=blend) for g in GAMMA_SCALES]
-        half = n // 2
-        for early, late in ((0.9, 1.1), (1.1, 0.9)):
-            refine.append(gamma(np.where(np.arange(n) < half, early, late).astype(float),
-                                f"gamma={early:g} before step {half}, {late:g} after", blend=blend))
-    if plan.correction == "auto" and plan.filters and filter_hw is not None and s.n_cached:
-        refine += [gamma(1.0, f"gamma=1 + filter {f.name}", f, blend=blend) for f in candidate_grid(n)[1:]]
-    for corr in tqdm(refine, desc="calibration: corrections", disable=not progress):
-        evaluate(s, corr)
+            refine = [Correction("local least-squares gamma", np.where(np.isnan(local), 1.0, local))]
+            refine += [gamma(g, f"gamma={g:g}") for g in GAMMA_SCALES]
+            refine += [gamma(g, f"gamma={label}") for g, label in zip(stage, stage_names)]
+            if plan.correction == "auto" and plan.filters and filter_hw is not None:
+                refine += [gamma(1.0, f"gamma=1 + filter {f.name}", f) for f in candidate_grid(n)[1:]]
+        for corr in tqdm(refine, desc="calibration: corrections", disable=not progress):
+            evaluate(s, corr)
     best = max(candidates, key=lambda c: c.psnr_db)
     return CalibrationResult(
         timesteps=timesteps,

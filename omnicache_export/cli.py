@@ -115,7 +115,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         cache_ratio=args.cache_ratio,
         speedup=args.speedup,
         max_consecutive=args.max_consecutive,
-        allow_last_cached=args.allow_last_cached,
+        allow_last_cached=args.last_step,
         filters=not args.no_filters,
         correction=args.correction,
         schedules=tuple(args.schedules.split(",")) if args.schedules else None,
@@ -238,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--cache-ratio", type=float, help="share of steps to cache (default 0.5)")
     target.add_argument("--speedup", type=float, help="target speedup, from the measured cost of the two graphs")
     p.add_argument("--max-consecutive", type=int, default=2, help="longest run of cached steps (default 2)")
-    p.add_argument("--allow-last-cached", action="store_true", help="let the last step be cached")
+    last = p.add_mutually_exclusive_group()
+    last.add_argument("--allow-last-cached", dest="last_step", action="store_const", const=True,
+                      help="schedules may cache the last step (default: calibration tries both ways)")
+    last.add_argument("--keep-last-full", dest="last_step", action="store_const", const=False,
+                      help="the last step is always computed in full")
     p.add_argument("--no-filters", action="store_true", help="do not try frequency filters in calibration")
     p.add_argument("--correction", choices=["auto", "none", "gamma1", "gamma"], default="auto",
                    help="correction candidates: all (auto), none, gamma = 1 only, or fitted gammas without filters")

@@ -44,7 +44,7 @@ class ExportOptions:
     cache_ratio: float | None = None
     speedup: float | None = None
     max_consecutive: int = 2
-    allow_last_cached: bool = False
+    allow_last_cached: bool | None = None  # None: calibration tries both, keeps the better
     filters: bool = True
     schedules: tuple[str, ...] | None = None  # restrict schedule candidates (ablations)
     correction: str = "auto"  # none | gamma1 | gamma | auto
@@ -170,7 +170,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
                 n_cached = sched.n_cached_for(
                     opts.steps, cache_ratio=opts.cache_ratio if opts.speedup is None else None,
                     speedup=opts.speedup, cost_ratio=cost_ratio, max_consecutive=opts.max_consecutive,
-                    allow_last_cached=opts.allow_last_cached,
+                    allow_last_cached=opts.allow_last_cached is not False,
                 ) if (opts.cache_ratio is not None or opts.speedup is not None) else _default_cached(opts)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
@@ -188,7 +188,8 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
         coefficients = best.correction.coefficients(result.ratios)
         masks = best.correction.masks(spec.n_steps, hw)
         blends = best.correction.blends(result.ratios)
-        _embed(tmp, spec.output, coefficients, masks, blends)
+        trends = best.correction.trends(result.ratios)
+        _embed(tmp, spec.output, coefficients, masks, blends, trends, len(analysis.region.streams))
         verification = _verify(tmp, spec, analysis, calib_cond, calib_uncond, k, opts.seed, result, batched)
         predicted = sched.speedup_of(spec.n_steps, best.schedule.n_cached, cost_ratio)
         body = {
@@ -212,6 +213,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
                 "ratios": result.ratios.tolist(),
                 "coefficients": coefficients.tolist(),
                 "blend": blends.tolist(),
+                "cache_trend": trends.tolist(),
                 "filter": dataclasses.asdict(best.correction.filter) | {"name": best.correction.filter.name},
                 "stages": _stages(best.correction.filter, spec.n_steps),
                 "filter_hw": list(hw) if hw else None,
@@ -238,7 +240,8 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
 
 def _default_cached(opts: ExportOptions) -> int:
     """Without a target: half the steps, within what the consecutive limit allows."""
-    return min(sched.max_cached(opts.steps, opts.max_consecutive, opts.allow_last_cached), opts.steps // 2)
+    return min(sched.max_cached(opts.steps, opts.max_consecutive, opts.allow_last_cached is not False),
+               opts.steps // 2)
 
 
 def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict, batched: set[str]) -> dict:
@@ -252,10 +255,14 @@ def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict, batched: set[str])
     return den.feeds(0, den.initial_latents(size, 0), batched_feeds(spec, cond, uncond))
 
 
-def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarray | None, blends: np.ndarray) -> None:
+def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarray | None, blends: np.ndarray,
+           trends: np.ndarray, n_caches: int) -> None:
     from omnicache_export.passes.embed_correction import EmbedCorrectionPass
+    from omnicache_export.passes.extrapolate_cache import ExtrapolateCachePass
 
     model = modelio.load_model(folder / UNCORRECTED)
+    if np.any(trends):  # only then does the cache graph take the previous caches
+        ExtrapolateCachePass([cache_name(i) for i in range(n_caches)], trends)(model)
     EmbedCorrectionPass(output, coefficients, masks, blends)(model)
     modelio.save_model(model, folder / "cache.onnx", external=modelio.uses_external_data(model) or None)
     check_saved(folder / "cache.onnx")

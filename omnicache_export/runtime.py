@@ -14,7 +14,7 @@ import numpy as np
 
 from omnicache_export.engines.base import Engine
 from omnicache_export.manifest import read_manifest
-from omnicache_export.passes.cache_names import CACHE
+from omnicache_export.passes.cache_names import CACHE, prev_cache_name
 from omnicache_export.sampler import Denoiser, SamplingSpec, batched_feeds, chunks
 
 STEP, PREV, PREV2 = "omnicache_step", "omnicache_full_prev", "omnicache_full_prev2"
@@ -50,6 +50,8 @@ class OmniCache:
         self.full = load_engine(self.dir / graphs["full"], backend, device, threads)
         self.cache = load_engine(self.dir / graphs["cache"], backend, device, threads)
         self._cache_inputs = [s.name for s in self.cache.inputs]
+        # With a cache trend in the graph it also takes the caches of the full step before the last.
+        self.prev_cache_names = {prev_cache_name(k): k for k in self.cache_names if prev_cache_name(k) in self._cache_inputs}
 
     @classmethod
     def load(
@@ -114,6 +116,7 @@ class Generation:
         self.static = batched_feeds(rt.spec, cond, uncond)
         self.i = 0
         self.caches: dict[str, np.ndarray] = {}
+        self.caches_prev: dict[str, np.ndarray] = {}
         self.prev: np.ndarray | None = None
         self.prev2: np.ndarray | None = None
         self.full_steps = self.cached_steps = 0
@@ -131,13 +134,15 @@ class Generation:
         if self.no_cache or rt.full_steps[self.i]:
             out = rt.full.run({s.name: feeds[s.name] for s in rt.full.inputs})
             raw = out[spec.output]
-            self.caches = {k: out[k] for k in rt.cache_names}
+            self.caches_prev, self.caches = self.caches, {k: out[k] for k in rt.cache_names}
             self.prev2, self.prev = self.prev, raw
             self.full_steps += 1
         else:
-            # Before two full steps the coefficient is 0: any finite prev2 will do.
+            # Before two full steps the coefficients are 0: any finite prev2 and previous caches will do.
             prev2 = self.prev2 if self.prev2 is not None else np.zeros_like(self.prev)
             extra = {STEP: np.array([self.i], np.int64), PREV: self.prev, PREV2: prev2, **self.caches}
+            for name, cache in rt.prev_cache_names.items():
+                extra[name] = self.caches_prev.get(cache, self.caches[cache])
             raw = rt.cache.run({name: extra[name] if name in extra else feeds[name] for name in rt._cache_inputs})[spec.output]
             self.cached_steps += 1
         self.x = self.den.step(self.i, self.den.guided(raw), self.x)

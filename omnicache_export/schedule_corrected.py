@@ -4,7 +4,8 @@ With the γ = 1 correction in the loop, which steps are cached matters more than
 (METHOD.md: the curvature DP lost to alternation by 14 dB with the correction on): the cost of
 caching step i depends on the two full steps j' < j it extrapolates from. Here cost(i, j, j') is the
 error of the corrected cache output at step i, measured on the reference trajectories (the cache
-graph fed the residual of step j, corrected with the trend of j and j'), weighted by step size.
+graph fed the residual of step j, corrected with the trend of j and j'), times a weight for how much
+an error at step i moves the final latent (`sensitivity`).
 The DP runs over the last two full steps and the number of full steps placed, exactly.
 """
 
@@ -21,7 +22,8 @@ PairCost = Callable[[int, int, int], float]
 
 
 def solve_pairwise_schedule(
-    n_steps: int, n_cached: int, cost: PairCost, max_consecutive: int = 2, allow_last_cached: bool = False
+    n_steps: int, n_cached: int, cost: PairCost, max_consecutive: int = 2, allow_last_cached: bool = False,
+    name: str | None = None,
 ) -> Schedule:
     _check_m(n_steps, n_cached, max_consecutive, allow_last_cached)
     n_full, k = n_steps - n_cached, max_consecutive
@@ -57,34 +59,23 @@ def solve_pairwise_schedule(
     for links in reversed(back):
         state = links[state]
         full[state[0]] = True
-    return Schedule(full, total_cost=float(best), name=f"corrected-error-dp (runs<={k})")
+    return Schedule(full, total_cost=float(best), name=name or f"corrected-error-dp (runs<={k})")
 
 
-def corrected_errors(
-    outputs: list[np.ndarray],
-    cached_output: Callable[[int, int], np.ndarray],
-    timesteps: np.ndarray,
-    max_consecutive: int,
-) -> PairCost:
-    """cost(i, j, j2) from reference full outputs o_i and cache outputs õ_i(j) = cached_output(i, j):
-    the step-size-weighted mean squared error of õ_i(j) + a_i (o_j − o_j2) against o_i."""
-    n = len(outputs)
-    t_next = np.append(timesteps[1:], 0.0)
-    weights = np.abs(timesteps - t_next)
-    weights = weights / weights.mean() if weights.mean() > 0 else np.ones(n)
-    tilde: dict[tuple[int, int], np.ndarray] = {}
+def weighted(errors: PairCost, weights: np.ndarray) -> PairCost:
+    """The DP's cost: each step's error times its weight (`sensitivity.step_weights`)."""
+    return lambda i, j, j2: float(weights[i]) * errors(i, j, j2)
+
+
+def corrected_errors(outputs: list[np.ndarray], estimate: Callable[[int, int, int], np.ndarray]) -> PairCost:
+    """error(i, j, j2): the mean squared error against the reference output o_i of the prediction
+    estimate(i, j, j2) a predictor makes at a cached step i from full steps j and j2 (memoised)."""
     table: dict[tuple[int, int, int], float] = {}
 
     def cost(i: int, j: int, j2: int) -> float:
         key = (i, j, j2)
         if key not in table:
-            if (i, j) not in tilde:
-                tilde[(i, j)] = cached_output(i, j)
-            est = tilde[(i, j)]
-            if j2 >= 0 and timesteps[j] != timesteps[j2]:
-                a = (timesteps[i] - timesteps[j]) / (timesteps[j] - timesteps[j2])
-                est = est + np.float32(a) * (outputs[j] - outputs[j2])
-            table[key] = float(weights[i] * np.mean((est - outputs[i]) ** 2))
+            table[key] = float(np.mean((estimate(i, j, j2) - outputs[i]) ** 2))
         return table[key]
 
     return cost

@@ -22,3 +22,8 @@ def stream_type(stream, exit_value) -> tuple:
         return type_, exit_value.shape
     dims = [d if isinstance(d, int) else (str(d) if d else None) for d in stream.shape]
     return type_, ir.Shape(dims) if stream.shape else None
+
+
+def prev_cache_name(name: str) -> str:
+    """The cache tensor of the full step before the last one (the cache trend's second point)."""
+    return f"{name}_prev"

@@ -61,6 +61,11 @@ def correction_reference(out_tilde, full_prev, full_prev2, coef: float, mask: np
     return (out_tilde.astype(np.float64) + float(coef) * d).astype(out_tilde.dtype)
 
 
+def _step_input(graph: ir.Graph) -> ir.Value | None:
+    """An existing int64 `omnicache_step` graph input (from ExtrapolateCachePass), else None."""
+    return next((v for v in graph.inputs if v.name == STEP and v.dtype == ir.DataType.INT64), None)
+
+
 class EmbedCorrectionPass(ir.passes.InPlacePass):
     def __init__(
         self, output_name: str, coefficients: np.ndarray, masks: np.ndarray | None = None, blend: np.ndarray | None = None
@@ -115,6 +120,8 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
                 except ValueError as exc:
                     raise fail(f"mask of step {i}: {exc}") from exc
         taken = set(value_index(model.graph)) | {v.name for v in model.graph.outputs}
+        if _step_input(model.graph) is not None:  # added by ExtrapolateCachePass: shared
+            taken.discard(STEP)
         clash = sorted(taken & set(self._new_names()))
         if clash:
             raise fail(f"the graph already has tensors named {clash}")
@@ -137,9 +144,12 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
             graph.register_initializer(value)
             return value
 
-        step = ir.Value(name=STEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+        step = _step_input(graph)
+        if step is None:
+            step = ir.Value(name=STEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+            graph.inputs.append(step)
         prev, prev2 = (ir.Value(name=n, shape=out_tilde.shape, type=out_tilde.type) for n in (FULL_PREV, FULL_PREV2))
-        graph.inputs.extend([step, prev, prev2])
+        graph.inputs.extend([prev, prev2])
 
         d = op("Sub", prev, prev2)
         if compute != out_type:

@@ -40,21 +40,27 @@ def test_calibration_picks_and_refines_correction():
     plan = CalibrationPlan(n_cached=6)
     result = calibrate(spec, full_fn, cache_fn, {}, {}, 2, 0, plan, (H, W), progress=False)
     names = [c.correction.name for c in result.candidates]
-    assert "none" in names and "gamma=1" in names and "output extrapolation, gamma=1" in names
-    assert any(n.startswith("gamma=1 + filter") for n in names)
-    assert "local least-squares gamma" in names
+    assert "none" in names and "gamma=1" in names and "cache trend, mix 0.5" in names
+    dp = [c.schedule.name for c in result.candidates if c.schedule.name.startswith("corrected-error-dp")]
+    assert any(n.endswith("[gamma=1]") for n in dp) and any(n.endswith("[cache trend, mix 0.5]") for n in dp)
+    # the best predictor at γ = 1 is refined on its schedule: γ line search and filters
+    assert any("gamma=1.1" in n for n in names) and any("+ filter" in n for n in names)
     best = result.best
     assert best.psnr_db == max(c.psnr_db for c in result.candidates)
-    same_schedule = [c for c in result.candidates if c.schedule.pattern == best.schedule.pattern]
-    none = next(c for c in same_schedule if c.correction.name == "none")
+    none = max((c for c in result.candidates if c.correction.name == "none"), key=lambda c: c.psnr_db)
     assert best.correction.name != "none" and best.psnr_db > none.psnr_db + 10
     # the locally fitted gammas are close to 1 where the trend is linear
-    local = next(c for c in result.candidates if c.correction.name == "local least-squares gamma")
-    fitted = local.correction.gammas[~best.schedule.full & (result.ratios > 0)]
-    assert np.all(np.abs(fitted - 1) < 0.2)
-    # every schedule candidate honours the constraints
+    local = next((c for c in result.candidates if c.correction.name == "local least-squares gamma"), None)
+    if local is not None:
+        fitted = local.correction.gammas[~local.schedule.full & (extrapolation_ratios(local.schedule.full, result.timesteps) > 0)]
+        assert np.all(np.abs(fitted - 1) < 0.2)
+    # every schedule candidate honours the constraints; the last step is cached only where allowed
     for c in result.candidates:
-        assert c.schedule.full[0] and c.schedule.full[-1] and c.schedule.max_run <= 2 and c.schedule.n_cached == 6
+        assert c.schedule.full[0] and c.schedule.max_run <= 2 and c.schedule.n_cached == 6
+        assert c.schedule.full[-1] or "last step cacheable" in c.schedule.name
+    assert {c.schedule.full[-1] for c in result.candidates} == {True, False}  # both policies were tried
+    dp = {c.schedule.name for c in result.candidates if c.schedule.name.startswith("corrected-error-dp")}
+    assert dp and all("p=" in name for name in dp)
     assert np.all(psnr(result.reference, result.reference) > 150)  # identical: capped, finite
 
 
@@ -74,6 +80,20 @@ def test_candidates_can_be_restricted_for_ablations():
     assert {c.correction.name for c in only_none.candidates} == {"none"}
     gammas = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0,
                        CalibrationPlan(4, correction="gamma", schedules=("alternation",)), (H, W), False)
-    assert {c.schedule.name for c in gammas.candidates} == {"alternation"}
+    assert {c.schedule.name for c in gammas.candidates} <= {"alternation", "alternation (last step cacheable)"}
     names = {c.correction.name for c in gammas.candidates}
     assert "gamma=1" in names and "gamma=0.9" in names and not any("filter" in n for n in names)
+
+
+def test_last_step_policy_can_be_forced():
+    spec = SamplingSpec(scheduler_config("ddim"), 9, "x", "t", "o", [4, H, W], timestep_dtype="float32")
+    full_fn, cache_fn = smooth_denoiser()
+    for last in (False, True):
+        plan = CalibrationPlan(4, allow_last_cached=last, correction="gamma1")
+        result = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0, plan, (H, W), False)
+        last_full = {bool(c.schedule.full[-1]) for c in result.candidates}
+        assert last_full == ({True, False} if last else {True})
+        assert not any("last step cacheable" in c.schedule.name for c in result.candidates)
+    # 6 of 9 cached only fits with the last step cached: auto builds those candidates alone
+    result = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0, CalibrationPlan(6, correction="gamma1"), (H, W), False)
+    assert all(not c.schedule.full[-1] for c in result.candidates)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from omnicache_export.schedule import max_cached
+from omnicache_export.calibrate import Correction, pair_estimate
 from omnicache_export.schedule_corrected import corrected_errors, solve_pairwise_schedule
 
 
@@ -50,7 +51,9 @@ def test_pairwise_dp_matches_brute_force(n, k, last):
 def test_corrected_errors_vanish_for_linear_outputs():
     t = np.linspace(900, 100, 9)
     outputs = [np.full((1, 2), 3.0 + 0.01 * ti, np.float32) for ti in t]
-    stale = lambda i, j: outputs[j]  # noqa: E731  the cache returns the last full output
-    cost = corrected_errors(outputs, stale, t, 2)
+    # the cache returns the last full output; the seed's predictor adds the trend of the last two
+    records = [({"i": i}, o, {"c": o}) for i, o in enumerate(outputs)]
+    estimate = pair_estimate(Correction("gamma=1", np.ones(9)), records, lambda feeds, caches: caches["c"], t)
+    cost = corrected_errors(outputs, estimate)
     assert cost(4, 3, 2) == pytest.approx(0.0, abs=1e-9)  # linear trend: extrapolation is exact
     assert cost(4, 3, -1) > 0  # no trend yet: the stale output's error remains

@@ -181,7 +181,7 @@ def export_variant(onnx: Path, out: Path, ref, steps: int, ratio: float, calib: 
     from omnicache_export.pipeline import ExportOptions, export
 
     schedules, correction, filters = variant[:3]
-    last = bool(variant[3]) if len(variant) > 3 else False
+    last = variant[3] if len(variant) > 3 else None  # None: calibration tries both
     if not (out / "omnicache.json").exists():
         export(onnx, out, ExportOptions(
             scheduler=str(scheduler), steps=steps, calib=calib, num_calib=10, seed=CALIB_SEED,
@@ -215,48 +215,6 @@ def no_cache_onnx(folder: Path, cond, uncond, n: int) -> tuple[np.ndarray, float
         wall = time.perf_counter() - t0
     finally:
         rt.close()
-    return final, wall
-
-
-PROTOTYPE = "OmniCache prototype: output extrapolation"
-
-
-def run_prototype(folder: Path, spec, cond, uncond, n: int) -> tuple[np.ndarray, float]:
-    """PROTOTYPE predictor (not the product): the OmniCache (full) export's schedule, but a cached step
-    with two full steps behind it is predicted from the outputs alone, ô_i = o_j + a_i (o_j − o_j')
-    (a_i the same time ratio as the product's correction; no graph runs); before two full steps exist
-    the cache graph runs as exported. The product's cached step is õ_i + γ_i a_i F(o_j − o_j'), with
-    õ_i = H(E(x_i) + R_j): the base already moves with x_i and t_i, the trend is added on top."""
-    from omnicache_export.calibrate import extrapolation_ratios
-    from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
-    from omnicache_export.runtime import PREV, PREV2, STEP
-    from omnicache_export.sampler import sample, timesteps_of
-
-    m = json.loads((folder / "omnicache.json").read_text())
-    full = np.array(m["schedule"]["full"], bool)
-    ratios = extrapolation_ratios(full, timesteps_of(spec))
-    fe, ce = OnnxRuntimeEngine(folder / "full.onnx"), OnnxRuntimeEngine(folder / "cache.onnx")
-    names, out_name = m["io"]["cache_tensors"], m["sampling"]["output"]
-    st: dict = {"c": None, "p": None, "p2": None}
-
-    def model(i: int, feeds: dict) -> np.ndarray:
-        if full[i]:
-            out = fe.run({s.name: feeds[s.name] for s in fe.inputs})
-            st["c"], st["p2"], st["p"] = {k: out[k] for k in names}, st["p"], out[out_name]
-            return st["p"]
-        if st["p2"] is not None:
-            return st["p"] + np.float32(ratios[i]) * (st["p"] - st["p2"])
-        z = np.zeros_like(st["p"])
-        extra = {STEP: np.array([i], np.int64), PREV: st["p"], PREV2: z, **st["c"]}
-        return ce.run({s.name: extra[s.name] if s.name in extra else feeds[s.name] for s in ce.inputs})[out_name]
-
-    try:
-        t0 = time.perf_counter()
-        final, _ = sample(spec, model, cond, uncond, n, EVAL_SEED)
-        wall = time.perf_counter() - t0
-    finally:
-        fe.close()
-        ce.close()
     return final, wall
 
 
@@ -345,8 +303,7 @@ def bench_model_steps(ref, onnx: Path, steps: int, ratios: list[float], spc: int
     t_export = {}
     for r in ratios:
         for vname, variant in OMNI_VARIANTS.items():
-            if not (want(vname) or vname == "OmniCache: curvature schedule only"  # peers use its graphs
-                    or (vname == "OmniCache (full)" and want(PROTOTYPE))):
+            if not (want(vname) or vname == "OmniCache: curvature schedule only"):  # peers use its graphs
                 continue
             t0 = time.perf_counter()
             folder = wd / f"r{r:g}-{variant[1]}{'-lastcached' if len(variant) > 3 else ''}"
@@ -391,14 +348,6 @@ def bench_model_steps(ref, onnx: Path, steps: int, ratios: list[float], spc: int
             rows.append(scored(row, final, ref_onnx, judge, wall_onnx))
             log(f"    {vname}: {row.psnr:.2f} dB, n_full {row.n_full}")
 
-        if want(PROTOTYPE) and (r, "OmniCache (full)") in exports:
-            m = exports[(r, "OmniCache (full)")]
-            final, wall = run_prototype(Path(m["_folder"]), spec, cond, uncond, n)
-            row = Row(PROTOTYPE, "onnx", r, target, m["schedule"]["n_full"], wall_s=wall,
-                      setting=f"OmniCache (full)'s schedule, ô = o_j + a_i (o_j − o_j')", note="prototype, not the product")
-            rows.append(scored(row, final, ref_onnx, judge, wall_onnx))
-            log(f"    {PROTOTYPE}: {row.psnr:.2f} dB, n_full {row.n_full}")
-
         ocase = _onnx.OnnxCase(Path(exports[(r, "OmniCache: curvature schedule only")]["_folder"]), spec, cond, uncond,
                                n, EVAL_SEED, target)
         for pname, mod in zip(ONNX_PEERS, (fora, abcache)):
@@ -435,8 +384,47 @@ def bench_model_steps(ref, onnx: Path, steps: int, ratios: list[float], spc: int
                 log(f"    {pname}: skipped ({skip_reason(exc)})")
                 if os.environ.get("BENCH_DEBUG"):
                     traceback.print_exc()
+    calib = [calibration_ablation(r, exports[(r, "OmniCache (full)")]) for r in ratios if (r, "OmniCache (full)") in exports]
     return {"model": ref.name, "steps": steps, "n_eval": n, "rows": [x.to_json() for x in rows],
-            "scheduler": ref.scheduler["_class_name"], "guidance": ref.guidance_scale}
+            "scheduler": ref.scheduler["_class_name"], "guidance": ref.guidance_scale, "calibration": calib}
+
+
+SEED_PREDICTOR = ("gamma", "local least-squares")  # correction names of the seed's predictor family
+
+
+def calibration_ablation(ratio: float, manifest: dict) -> dict:
+    """From the OmniCache (full) export's scored candidates (calibration samples): the best score
+    of each choice calibration made, the others left free."""
+    cands = manifest["calibration"]["candidates"]
+    chosen = next(c for c in cands if c["chosen"])
+
+    def best(pred) -> float | None:
+        v = [c["psnr_db"] for c in cands if pred(c)]
+        return max(v) if v else None
+
+    same = lambda c: c["pattern"] == chosen["pattern"]  # noqa: E731
+    out = {"ratio": ratio, "chosen": chosen["psnr_db"],
+           "last_full": best(lambda c: c["pattern"].endswith("F")),
+           "last_cached": best(lambda c: c["pattern"].endswith("C")),
+           "seed_predictor": best(lambda c: same(c) and c["correction"].startswith(SEED_PREDICTOR)),
+           "cache_trend": best(lambda c: same(c) and c["correction"].startswith("cache trend")),
+           "uncorrected": best(lambda c: c["correction"] == "none")}
+    for p in ("0", "0.25", "0.5"):
+        out[f"dp_p{p}"] = best(lambda c: c["schedule"].startswith("corrected-error-dp") and f"p={p}," in c["schedule"]
+                               or c["schedule"].startswith("corrected-error-dp") and f"p={p})" in c["schedule"])
+    return out
+
+
+def calibration_table(results: list[dict]) -> str:
+    cols = [("chosen", "chosen"), ("last_full", "last step full"), ("last_cached", "last step cached"),
+            ("seed_predictor", "seed's predictor*"), ("cache_trend", "cache trend*"), ("uncorrected", "no correction"),
+            ("dp_p0", "DP p=0"), ("dp_p0.25", "DP p=0.25"), ("dp_p0.5", "DP p=0.5")]
+    lines = ["| model | N | r | " + " | ".join(c[1] for c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for block in results:
+        for a in block.get("calibration", []):
+            lines.append(f"| {block['model']} | {block['steps']} | {a['ratio']:g} | "
+                         + " | ".join(_fmt(a.get(k), ".2f") for k, _ in cols) + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ report
@@ -511,7 +499,6 @@ def auto_analysis(results: list[dict]) -> str:
         peers = {m: mean(m) for m in BLOCK_SKIPPING_PEERS}
         peers = {m: v for m, v in peers.items() if v is not None}
         ranked = sorted(peers.items(), key=lambda kv: -kv[1])
-        proto = mean(PROTOTYPE)
         parts = [f"{block['model']}, N = {block['steps']} (mean PSNR over r = {', '.join(f'{x:g}' for x in ratios)}):"]
         if None not in (cur, gam, full):
             parts.append(f"curvature schedule alone {cur:.2f} dB → + gammas (and the corrected-error schedule candidates) "
@@ -520,8 +507,6 @@ def auto_analysis(results: list[dict]) -> str:
             better = [m for m, v in ranked if v > full]
             parts.append(f"best block-skipping peer {ranked[0][0]} {ranked[0][1]:.2f} dB; "
                          + (f"peers above OmniCache: {', '.join(better)}." if better else "OmniCache is above every block-skipping peer."))
-        if proto is not None:
-            parts.append(f"Prototype output extrapolation on OmniCache's schedule: {proto:.2f} dB.")
         lines.append("- " + " ".join(parts))
     return "\n".join(lines)
 
@@ -604,6 +589,13 @@ def render(results: list[dict], meta: dict, analysis: str, img_paths: dict[str, 
             if checks:
                 out.append("Pareto check (PSNR at ≤ the same full steps, block-skipping methods): " + "; ".join(checks) + ".")
                 out.append("")
+    out += ["### Calibration ablations", "",
+            "Best calibration PSNR (dB, on the K = 10 calibration samples) of OmniCache (full)'s candidates, "
+            "by what calibration chose among: the schedule's last step full or cached; on the chosen schedule "
+            "(*), the seed's predictor (γ on the cache output, its γ fits and filters) or ours (cache trend, "
+            "mix λ, γ and filters); no correction at all (any schedule); and the correction-aware DP's schedules "
+            "by step-weight exponent p (`sensitivity.py`). \"chosen\" is the maximum of them all.", "",
+            calibration_table(results), ""]
     out += ["### Analysis", "", "Computed from the tables (peers that missed the target count left out of the means):", "",
             auto_analysis(results), ""]
     if analysis:

@@ -1,0 +1,99 @@
+"""Pass: the cache graph carries its cache tensors forward by their trend before the head reads them.
+
+For each cache input R (`omnicache_cache`, `omnicache_cache_1`, …) a new input `<R>_prev` (same
+dtype and shape: the cache of the full step before the last one) is added, and every node that read
+R reads instead
+
+    R̂ = R + ρ[step] * (R − R_prev)
+
+with ρ [N] a constant table (`omnicache_cache_trend`, ρ_i = a_i · scale: the time ratio of step i to
+its last two full steps) gathered by `omnicache_step` (int64 [1], shared with the correction pass,
+which runs after this one). TaylorSeer's first-order prediction of the block stack's output, with
+the embedding of the current step kept: R is the stack residual h_L − h_0 (or h_L for direct reuse).
+For 16-bit caches the trend is computed in float32 and cast back.
+
+Invariant: where ρ[step] == 0 the graph computes exactly what it did before (R + 0 · d); otherwise
+the output equals the old graph fed R̂ (tested against numpy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from omnicache_export.passes.add_cache_output import value_index
+from omnicache_export.passes.cache_names import prev_cache_name
+
+STEP = "omnicache_step"
+TREND = "omnicache_cache_trend"
+
+_WIDEN = {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}
+
+
+class ExtrapolateCachePass(ir.passes.InPlacePass):
+    def __init__(self, cache_names: list[str], trend: np.ndarray):
+        """cache_names: the cache inputs to carry forward; trend [N]: ρ_i, 0 where no trend applies."""
+        super().__init__()
+        self.cache_names = list(cache_names)
+        self.trend = np.asarray(trend, dtype=np.float64)
+
+    def requires(self, model: ir.Model) -> None:
+        fail = ir.passes.PreconditionError
+        inputs = {v.name: v for v in model.graph.inputs}
+        missing = [n for n in self.cache_names if n not in inputs]
+        if missing:
+            raise fail(f"the graph has no cache inputs {missing}")
+        for name in self.cache_names:
+            if inputs[name].dtype not in (*_WIDEN, ir.DataType.FLOAT, ir.DataType.DOUBLE):
+                raise fail(f"cache input {name!r} has dtype {inputs[name].dtype}; a floating-point type is needed")
+        if self.trend.ndim != 1 or self.trend.size < 1 or not np.all(np.isfinite(self.trend)):
+            raise fail(f"trend must be a finite 1-D array with N >= 1 entries, got shape {self.trend.shape}")
+        taken = set(value_index(model.graph)) | {v.name for v in model.graph.outputs}
+        clash = sorted(taken & {STEP, TREND, *map(prev_cache_name, self.cache_names)})
+        if clash:
+            raise fail(f"the graph already has tensors named {clash}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        inputs = {v.name: v for v in graph.inputs}
+        step = ir.Value(name=STEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+        graph.inputs.append(step)
+        table = ir.Value(name=TREND, shape=ir.Shape(self.trend.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        table.const_value = ir.tensor(self.trend.astype(np.float32), name=TREND)
+        graph.register_initializer(table)
+        nodes: list[ir.Node] = []
+
+        def op(op_type, *args, **attributes) -> ir.Value:
+            node = ir.node(op_type, list(args), attributes or None, name=f"omnicache/cache_trend/{len(nodes)}")
+            nodes.append(node)
+            return node.outputs[0]
+
+        rho = op("Gather", table, step, axis=0)  # [1]
+        for name in self.cache_names:
+            cache = inputs[name]
+            readers = list(cache.uses())  # taken before the new nodes read it too
+            prev = ir.Value(name=prev_cache_name(name), shape=cache.shape, type=cache.type)
+            graph.inputs.append(prev)
+            wide = _WIDEN.get(cache.dtype)
+            d = op("Sub", cache, prev)
+            r = op("Cast", rho, to=cache.dtype) if cache.dtype == ir.DataType.DOUBLE else rho
+            if wide is not None:
+                d = op("Cast", d, to=wide)
+            moved = op("Mul", d, r)
+            if wide is not None:
+                moved = op("Cast", moved, to=cache.dtype)
+            hat = op("Add", cache, moved)
+            hat.name = f"{name}_extrapolated"
+            for use in readers:
+                use.node.replace_input_with(use.idx, hat)
+        if len(graph):  # first: the new nodes read only graph inputs and constants
+            graph.insert_before(next(iter(graph)), nodes)
+        else:
+            graph.extend(nodes)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        inputs = {v.name for v in model.graph.inputs}
+        for name in [STEP, *map(prev_cache_name, self.cache_names)]:
+            if name not in inputs:
+                raise ir.passes.PostconditionError(f"input {name!r} missing")
