@@ -50,14 +50,15 @@ class Correction:
     gammas: np.ndarray  # [N], NaN where no correction applies
     filter: StageFilter = dataclasses.field(default_factory=StageFilter)
     blend: float = 0.0  # λ: base = õ + λ (o_j − õ), applied where a trend exists
-    cache_trend: float = 0.0  # s: R̂ = R_j + s a_i (R_j − R_j'), applied where a trend exists
+    cache_trend: float | np.ndarray = 0.0  # s (or s_i [N]): R̂ = R_j + s a_i (R_j − R_j'), where a trend exists
 
     @classmethod
     def mixed(cls, mix: float, n: int, scale: float | np.ndarray = 1.0, filt: StageFilter | None = None,
               name: str | None = None) -> Correction:
         gammas = np.broadcast_to(np.asarray(scale, float) * mix, (n,)).copy()
         label = name or (f"cache trend, mix {mix:g}" + ("" if np.all(np.asarray(scale) == 1.0) else f", gamma={scale:g}"))
-        return cls(label, gammas, filt or StageFilter(), blend=mix, cache_trend=float(np.mean(scale)))
+        trend = np.broadcast_to(np.asarray(scale, float), (n,)).copy()
+        return cls(label, gammas, filt or StageFilter(), blend=mix, cache_trend=trend)
 
     def coefficients(self, ratios: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(self.gammas), 0.0, np.nan_to_num(self.gammas) * ratios).astype(np.float32)
@@ -67,7 +68,7 @@ class Correction:
 
     def trends(self, ratios: np.ndarray) -> np.ndarray:
         """ρ_i = s · a_i: the cache trend's per-step factor (0 at full steps and before two full steps)."""
-        return (self.cache_trend * ratios).astype(np.float32)
+        return (np.asarray(self.cache_trend, float) * ratios).astype(np.float32)
 
     def masks(self, n_steps: int, hw: tuple[int, int] | None) -> np.ndarray | None:
         if self.filter.is_all_pass or hw is None:
@@ -113,7 +114,7 @@ def pair_estimate(corr: Correction, records: list, cache_fn: CacheFn, timesteps:
     j (last full) and j2 (the full step before; -1: none): what the runtime would compute at a
     cached step i on the reference trajectory."""
     g = np.nan_to_num(corr.gammas)
-    gamma_, s = float(g[0]) if g.size else 0.0, corr.cache_trend
+    gamma_, s = float(g[0]) if g.size else 0.0, float(np.ravel(corr.cache_trend)[0])
 
     def estimate(i: int, j: int, j2: int) -> np.ndarray:
         feeds, _, _ = records[i]
@@ -411,11 +412,11 @@ def calibrate(
         half = n // 2
         stage = [np.where(np.arange(n) < half, early, late).astype(float) for early, late in ((0.9, 1.1), (1.1, 0.9))]
         stage_names = [f"{early:g} before step {half}, {late:g} after" for early, late in ((0.9, 1.1), (1.1, 0.9))]
-        if top.correction.cache_trend:
+        if np.any(top.correction.cache_trend):
             mixes = [m for m in (0.0, 0.25, 0.75, 1.0) if m != top.correction.blend]
             for m in tqdm(mixes, desc="calibration: mix", disable=not progress):
                 evaluate(s, Correction.mixed(m, n))
-            best_mix = max((c for c in candidates if c.schedule is s and c.correction.cache_trend),
+            best_mix = max((c for c in candidates if c.schedule is s and np.any(c.correction.cache_trend)),
                            key=lambda c: c.psnr_db).correction.blend
             refine = [Correction.mixed(best_mix, n, g) for g in GAMMA_SCALES]
             refine += [Correction.mixed(best_mix, n, g, name=f"cache trend, mix {best_mix:g}, gamma={label}")

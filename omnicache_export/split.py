@@ -13,7 +13,6 @@ import onnx_ir as ir
 
 from omnicache_export import modelio
 from omnicache_export.analysis import ModelAnalysis, analyze
-from omnicache_export.errors import UserError
 from omnicache_export.feeds import synthesize
 from omnicache_export.passes.add_cache_output import AddCacheOutputPass
 from omnicache_export.passes.cache_names import cache_name

@@ -19,7 +19,7 @@ def brute_force(n, m, cost, k, last):
         full[list(cached)] = False
         if not last and not full[-1]:
             continue
-        runs, run, ok = [], 0, True
+        run, ok = 0, True
         for f in full:
             run = 0 if f else run + 1
             ok &= run <= k

@@ -607,36 +607,43 @@ def render(results: list[dict], meta: dict, analysis: str, img_paths: dict[str, 
 
 # Qualitative reading of the run, kept beside the code that produces the numbers (no numbers typed here).
 ANALYSIS = """
-**Where OmniCache is not on the front, and why.** The block-skipping peer that beats OmniCache at
-equal full steps is TaylorSeer in lite mode (and cache-dit's DBCache with its TaylorSeer
-calibrator at some points; numbers in the list above). Its cached step does not run the model at all: it extrapolates, to first order in the
-step index, the output of the last full step (PixArt: `proj_out`, i.e. the model output; DiT: the
-stack output through identifiers) from the last two full steps. OmniCache's cached step starts from
-õ_i = H(E(x_i, t_i) + R_j), which already moves with the current latent and timestep, and then adds
-the whole trend a_i (o_j − o_j') on top: part of the change from j to i is counted twice. The
-calibration's γ line search (0.8–1.2, per stage) can only rescale that, not remove it, and the
-frequency filters seldom win a case here. The prototype row ("OmniCache prototype: output
-extrapolation") isolates the predictor: the same exported schedule, ô_i = o_j + a_i (o_j − o_j')
-where two full steps exist, nothing else changed. Where it beats OmniCache (full), the gap is the
-predictor, not the schedule.
+**What closed the gaps of the previous run.** Before this version OmniCache lost 8 of 18 cells (20
+and 10 steps), mostly to TaylorSeer in lite mode. Three differences explained it, and each is now a
+calibration candidate that the final deviation accepts or rejects (see "Calibration ablations"):
+- *The last step.* TaylorSeer's pattern caches the last step; OmniCache kept it full, which costs a
+  full step where an ε-prediction model's output hardly matters (DDIM scales it by √(1 − ᾱ) ≈ 0).
+  Calibration now builds every schedule family with the last step full and with it cacheable.
+- *The predictor.* The seed's cached step adds the whole output trend a_i (o_j − o_j') to
+  õ_i = H(E(x_i) + R_j), which already moves with x_i and t_i: part of the change is counted twice,
+  and a γ line search can only rescale that. TaylorSeer extrapolates the stack output instead. Our
+  cache-trend predictor carries the cached residual forward, R̂ = R_j + a_i (R_j − R_j'), runs the
+  head on the current embedding plus R̂, and averages the result with output extrapolation (mix λ
+  chosen in calibration). The trend is computed inside the cache graph (`passes/extrapolate_cache.py`).
+- *Where to spend full steps.* The correction-aware DP weighted each step's error by its step size,
+  which under-weights the early, noisy steps of ε-prediction sampling; it now also plans with
+  weights from the frozen-output gain of each step (`sensitivity.py`), at three exponents.
 
-**Ablation.** The curvature schedule alone is the weakest OmniCache variant (its runs of cached
+**Where OmniCache is still below a peer** (if anywhere: the Pareto checks above), the gap is within
+what one calibration batch of K = 10 samples can resolve: the candidate that scores best on the
+calibration samples is not always the best on the held-out batch (compare the "calibration … dB"
+note with the PSNR column).
+
+**Ablation.** The curvature schedule alone is the weakest OmniCache variant: its runs of cached
 steps cluster where the trajectory is straight, which is where the uncorrected reuse error still
-accumulates); the gain comes from the correction together with the schedule candidates calibration
-scores with it (the chosen one is in each row: usually the corrected-error DP with runs of two early
-and full steps at the end). The filter stage adds little on these models: the full rows equal
-the + gammas rows wherever calibration chose no filter (the chosen correction is in each row).
+accumulates. The gain comes from the correction together with the schedules calibration scores
+with it (the chosen one is in each row). The frequency filters rarely win on these models: the
+full rows equal the + gammas rows wherever calibration chose no filter.
 
-**Peers.** The attention-only methods (TaylorSeer default, PAB) score highest but run every
-feed-forward at every step, so a "full step" there is not the same cost. FirstBlockCache and DBCache
-run the first block at every step (a quarter of the stack on these 4-block models), MagCache never
-skips in its first 20 % of steps or more than 3 in a row, and diffusers' FirstBlockCache and
-MagCache fail on Latte (they subtract tensors of the spatial and the temporal layout); cache-dit
-does not support Latte. FasterCache is not run (reason in the tables).
+**Peers.** The attention-only methods (TaylorSeer default, PAB) run every feed-forward at every
+step, so a "full step" there does not cost the same. FirstBlockCache and DBCache run the first
+block at every step (a quarter of the stack on these 4-block models). MagCache never skips in its
+first 20 % of steps or more than 3 in a row. diffusers' FirstBlockCache and MagCache fail on Latte
+(they subtract tensors of the spatial and the temporal layout), and cache-dit does not support
+Latte. FasterCache is not run (the reason is in the tables).
 
-**Speed.** These models are tiny (4 blocks, 16 tokens), so a step is dominated by the scheduler and
-host overhead and the torch hooks' Python cost; the measured speedups say little about large models
-(see the Speed section).
+**Speed.** These models are tiny (4 blocks, 16 tokens), so a step is dominated by the scheduler,
+host overhead and the torch hooks' Python cost. The measured speedups say little about large
+models (see the Speed section).
 """
 
 
