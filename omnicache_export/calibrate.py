@@ -116,15 +116,21 @@ def pair_estimate(corr: Correction, records: list, cache_fn: CacheFn, timesteps:
     g = np.nan_to_num(corr.gammas)
     gamma_, s = float(g[0]) if g.size else 0.0, float(np.ravel(corr.cache_trend)[0])
 
+    stale: dict[tuple[int, int], np.ndarray] = {}  # õ_i(j) without a cache trend: shared by every j2
+
+    def cached(i: int, j: int, j2: int, rho: float) -> np.ndarray:
+        if rho:
+            return cache_fn(records[i][0], carried_caches(records[j][2], records[j2][2], rho))
+        if (i, j) not in stale:
+            stale[(i, j)] = cache_fn(records[i][0], records[j][2])
+        return stale[(i, j)]
+
     def estimate(i: int, j: int, j2: int) -> np.ndarray:
-        feeds, _, _ = records[i]
-        _, out_j, caches_j = records[j]
         if j2 < 0 or timesteps[j] == timesteps[j2]:
-            return cache_fn(feeds, caches_j)
-        _, out_j2, caches_j2 = records[j2]
+            return cached(i, j, j2, 0.0)
         a = (timesteps[i] - timesteps[j]) / (timesteps[j] - timesteps[j2])
-        out = cache_fn(feeds, carried_caches(caches_j, caches_j2, s * a))
-        return apply_correction(out, out_j - out_j2, gamma_ * a, None, out_j, corr.blend)
+        out_j, out_j2 = records[j][1], records[j2][1]
+        return apply_correction(cached(i, j, j2, s * a), out_j - out_j2, gamma_ * a, None, out_j, corr.blend)
 
     return estimate
 

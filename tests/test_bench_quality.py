@@ -87,7 +87,8 @@ def test_quick_run(weights, tmp_path):
                   "--methods", "OmniCache (full),uniform,TeaCache", "--weights-dir", str(weights),
                   "--workdir", str(tmp_path / "work"), "--json", str(out), "--out", str(md), "-q"])
     assert rc == 0
-    rows = json.loads(out.read_text())["results"][0]["rows"]
+    block = json.loads(out.read_text())["results"][0]
+    rows = block["rows"]
     got = {r["method"]: r for r in rows if r["ratio"] is not None}
     assert set(got) == {"OmniCache (full)", "uniform reuse (FORA-style)", "TeaCache-style"}
     target = 6 - 3
@@ -97,6 +98,12 @@ def test_quick_run(weights, tmp_path):
         assert r["target_full"] == target
     assert got["OmniCache (full)"]["n_full"] == target
     assert got["uniform reuse (FORA-style)"]["n_full"] == target
+    # the calibration ablation: the chosen score is the best of every choice's best
+    (ablation,) = block["calibration"]
+    parts = [v for k, v in ablation.items() if k not in ("ratio", "chosen") and v is not None]
+    assert ablation["chosen"] == pytest.approx(max(parts))
+    assert ablation["chosen"] == pytest.approx(max(ablation["last_full"] or -1e9, ablation["last_cached"] or -1e9))
     text = md.read_text()
     assert "## Speed: x\n\nkeep me" in text and "## Quality vs speed" in text
+    assert "### Calibration ablations" in text and "| dit-digits | 6 | 0.5 |" in text
     assert (tmp_path / "img" / "quality-dit-digits.png").exists()
