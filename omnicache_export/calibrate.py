@@ -277,9 +277,12 @@ def schedule_candidates(
     for last in last_step_policies(plan, n_steps):
         tail = ", last step cacheable" if last and plan.allow_last_cached is None else ""
         for key, errors in (pair_errors or {}).items():
-            for p, w in (weights or {0.0: np.ones(n_steps)}).items():
-                name = f"corrected-error-dp (runs<={k}, p={p:g}{tail}) [{key}]"
-                out.append(solve_pairwise_schedule(n_steps, m, weighted(errors, w), k, last, name))
+            for runs in sorted({1, k}):  # runs of one: the local errors undercount how runs compound
+                if m > sched.max_cached(n_steps, runs, last):
+                    continue
+                for p, w in (weights or {0.0: np.ones(n_steps)}).items():
+                    name = f"corrected-error-dp (runs<={runs}, p={p:g}{tail}) [{key}]"
+                    out.append(solve_pairwise_schedule(n_steps, m, weighted(errors, w), runs, last, name))
         for runs in sorted({1, k}):
             if m <= sched.max_cached(n_steps, runs, last):
                 s = sched.solve_schedule(n_steps, m, cost, runs, last)
