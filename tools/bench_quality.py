@@ -594,7 +594,9 @@ def render(results: list[dict], meta: dict, analysis: str, img_paths: dict[str, 
             "by what calibration chose among: the schedule's last step full or cached; on the chosen schedule "
             "(*), the seed's predictor (γ on the cache output, its γ fits and filters) or ours (cache trend, "
             "mix λ, γ and filters); no correction at all (any schedule); and the correction-aware DP's schedules "
-            "by step-weight exponent p (`sensitivity.py`). \"chosen\" is the maximum of them all.", "",
+            "by step-weight exponent p (`sensitivity.py`). \"chosen\" is the maximum of them all; – where no "
+            "candidate of that kind was scored (a DP whose schedule another candidate had already proposed is "
+            "not run twice).", "",
             calibration_table(results), ""]
     out += ["### Analysis", "", "Computed from the tables (peers that missed the target count left out of the means):", "",
             auto_analysis(results), ""]
@@ -621,7 +623,9 @@ calibration candidate that the final deviation accepts or rejects (see "Calibrat
   chosen in calibration). The trend is computed inside the cache graph (`passes/extrapolate_cache.py`).
 - *Where to spend full steps.* The correction-aware DP weighted each step's error by its step size,
   which under-weights the early, noisy steps of ε-prediction sampling; it now also plans with
-  weights from the frozen-output gain of each step (`sensitivity.py`), at three exponents.
+  weights from the frozen-output gain of each step (`sensitivity.py`), at three exponents, and
+  with runs of one as well as runs of two (at 50 steps, alternation with a run of full steps at the
+  end, TaylorSeer's shape, beat every runs-of-two schedule).
 
 **Where OmniCache is still below a peer** (if anywhere: the Pareto checks above), the gap is within
 what one calibration batch of K = 10 samples can resolve: the candidate that scores best on the
