@@ -119,11 +119,24 @@ class Generation:
         self.caches_prev: dict[str, np.ndarray] = {}
         self.prev: np.ndarray | None = None
         self.prev2: np.ndarray | None = None
+        self._zeros: np.ndarray | None = None
         self.full_steps = self.cached_steps = 0
 
     @property
     def done(self) -> bool:
         return self.i >= self.rt.spec.n_steps
+
+    def cache_extras(self) -> dict[str, np.ndarray]:
+        """The cache graph's inputs besides the model's own at the current step: step index, the last
+        two full outputs, the caches and (with a cache trend) the caches of the full step before."""
+        # Before two full steps the coefficients are 0: any finite prev2 and previous caches will do.
+        if self.prev2 is None and self._zeros is None:
+            self._zeros = np.zeros_like(self.prev)
+        prev2 = self.prev2 if self.prev2 is not None else self._zeros
+        extra = {STEP: np.array([self.i], np.int64), PREV: self.prev, PREV2: prev2, **self.caches}
+        for name, cache in self.rt.prev_cache_names.items():
+            extra[name] = self.caches_prev.get(cache, self.caches[cache])
+        return extra
 
     def _feeds(self) -> dict[str, np.ndarray]:
         return self.den.feeds(self.i, self.x, self.static)
@@ -138,11 +151,7 @@ class Generation:
             self.prev2, self.prev = self.prev, raw
             self.full_steps += 1
         else:
-            # Before two full steps the coefficients are 0: any finite prev2 and previous caches will do.
-            prev2 = self.prev2 if self.prev2 is not None else np.zeros_like(self.prev)
-            extra = {STEP: np.array([self.i], np.int64), PREV: self.prev, PREV2: prev2, **self.caches}
-            for name, cache in rt.prev_cache_names.items():
-                extra[name] = self.caches_prev.get(cache, self.caches[cache])
+            extra = self.cache_extras()
             raw = rt.cache.run({name: extra[name] if name in extra else feeds[name] for name in rt._cache_inputs})[spec.output]
             self.cached_steps += 1
         self.x = self.den.step(self.i, self.den.guided(raw), self.x)

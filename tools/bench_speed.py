@@ -225,7 +225,7 @@ def load_runtime(out_dir: Path, threads: int | None):
 
 def step_feeds(rt, cond) -> tuple[dict, dict, int]:
     """Real feeds of both graphs at the first cached step (and after its two preceding full steps)."""
-    from omnicache_export.runtime import PREV, PREV2, STEP, Generation
+    from omnicache_export.runtime import Generation
 
     gen = Generation(rt, cond, {}, 1, 0, False)
     first_cached = int(np.flatnonzero(~rt.full_steps)[0])
@@ -233,8 +233,7 @@ def step_feeds(rt, cond) -> tuple[dict, dict, int]:
         gen.step()
     feeds = gen._feeds()
     full_feeds = {s.name: feeds[s.name] for s in rt.full.inputs}
-    prev2 = gen.prev2 if gen.prev2 is not None else np.zeros_like(gen.prev)
-    extra = {STEP: np.array([gen.i], np.int64), PREV: gen.prev, PREV2: prev2, **gen.caches}
+    extra = gen.cache_extras()
     cache_feeds = {n: extra[n] if n in extra else feeds[n] for n in rt._cache_inputs}
     return full_feeds, cache_feeds, gen.i
 
@@ -296,7 +295,7 @@ def lean_generation_cls():
     """A prototype of a leaner runtime step: the DDIM update in numpy from precomputed alphas (no
     torch round trip), no scale_model_input call where the scheduler's is the identity, no zeros_like
     per cached step, and the feeds built once per step without copying the static dict."""
-    from omnicache_export.runtime import PREV, PREV2, STEP, Generation
+    from omnicache_export.runtime import Generation
 
     class LeanGeneration(Generation):
         def __init__(self, rt, cond, uncond, n, seed, no_cache):
@@ -314,8 +313,6 @@ def lean_generation_cls():
             self._cx = (np.sqrt(a_prev) / np.sqrt(a_t)).astype(np.float32)
             self._ce = (np.sqrt(1 - a_prev) - np.sqrt(a_prev) * np.sqrt(1 - a_t) / np.sqrt(a_t)).astype(np.float32)
             self._t_feeds = [self.den.timestep_feed(i, n) for i in range(rt.spec.n_steps)]
-            self._zeros = None
-            self._steps_arr = [np.array([i], np.int64) for i in range(rt.spec.n_steps)]
 
         def step(self):
             if not self._ddim:
@@ -328,17 +325,11 @@ def lean_generation_cls():
             if self.no_cache or rt.full_steps[i]:
                 out = rt.full.run(feeds)
                 raw = out[spec.output]
-                for k in rt.cache_names:
-                    self.caches[k] = out[k]
+                self.caches_prev, self.caches = self.caches, {k: out[k] for k in rt.cache_names}
                 self.prev2, self.prev = self.prev, raw
                 self.full_steps += 1
             else:
-                if self.prev2 is None and self._zeros is None:
-                    self._zeros = np.zeros_like(self.prev)
-                feeds[STEP] = self._steps_arr[i]
-                feeds[PREV] = self.prev
-                feeds[PREV2] = self.prev2 if self.prev2 is not None else self._zeros
-                feeds.update(self.caches)
+                feeds.update(self.cache_extras())
                 raw = rt.cache.run(feeds)[spec.output]
                 self.cached_steps += 1
             c = spec.latent_shape[0]
