@@ -50,3 +50,20 @@ def zoo_export(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def zoo_split(zoo_export, tmp_path_factory):
+    """zoo_split(family) -> folder with the TorchScript export's full.onnx and cache.onnx (made once)."""
+    from omnicache_export.split import split
+
+    made: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"{family}-split") / "split"
+            split(zoo_export(family, "torchscript"), out, numeric_check=False)
+            made[family] = out
+        return made[family]
+
+    return get

@@ -18,7 +18,6 @@ from omnicache_export.passes.embed_correction import (
     EmbedCorrectionPass,
     correction_reference,
 )
-from omnicache_export.split import split
 from omnicache_export.zoo.families import FAMILIES
 
 ALLOWED = {"MatMul", "Mul", "Add", "Sub", "Gather", "Cast", "Reshape"}
@@ -27,19 +26,17 @@ ALL = FILTERED + ["flux"]  # packed [B, L, C]: no spatial axes, so no filter
 
 
 @pytest.fixture(scope="module")
-def split_case(zoo_export, tmp_path_factory):
+def split_case(zoo_split):
     """split_case(family) -> (cache.onnx path, feeds for the cache graph, full graph's output)."""
     made = {}
 
     def get(family: str):
         if family not in made:
-            fam = FAMILIES[family]
-            out = tmp_path_factory.mktemp(f"{family}-split")
-            split(zoo_export(family, "torchscript"), out / "split", numeric_check=False)
+            fam, folder = FAMILIES[family], zoo_split(family)
             feeds = fam.example_inputs(2, 1)
-            full = run_ort(out / "split" / "full.onnx", feeds)
+            full = run_ort(folder / "full.onnx", feeds)
             feeds.update((k, v) for k, v in full.items() if k.startswith("omnicache_cache"))
-            made[family] = (out / "split" / "cache.onnx", feeds, full[fam.output_name])
+            made[family] = (folder / "cache.onnx", feeds, full[fam.output_name])
         return made[family]
 
     return get

@@ -3,7 +3,6 @@ tensor, and no block of the stack survives in the cache graph. Every family, bot
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 import pytest
 
