@@ -14,10 +14,10 @@ import numpy as np
 
 from omnicache_export.engines.base import Engine
 from omnicache_export.manifest import read_manifest
-from omnicache_export.passes.cache_names import CACHE, prev_cache_name
+from omnicache_export.passes.cache_names import CACHE, FULL_PREV, FULL_PREV2, STEP, prev_cache_name
 from omnicache_export.sampler import Denoiser, SamplingSpec, batched_feeds, chunks
 
-STEP, PREV, PREV2 = "omnicache_step", "omnicache_full_prev", "omnicache_full_prev2"
+PREV, PREV2 = FULL_PREV, FULL_PREV2
 
 
 def load_engine(path: Path, backend: str, device: str, threads: int | None = None) -> Engine:

@@ -1,6 +1,9 @@
 """Names of the tensors the split adds: the contract between the two graphs and the runtime."""
 
 CACHE = "omnicache_cache"
+STEP = "omnicache_step"  # cache graph: int64 [1], the step index its constant tables are gathered by
+FULL_PREV = "omnicache_full_prev"  # cache graph: the model outputs of the last two full steps
+FULL_PREV2 = "omnicache_full_prev2"
 
 
 def cache_name(index: int) -> str:
@@ -27,3 +30,11 @@ def stream_type(stream, exit_value) -> tuple:
 def prev_cache_name(name: str) -> str:
     """The cache tensor of the full step before the last one (the cache trend's second point)."""
     return f"{name}_prev"
+
+
+def widened(dtype):
+    """The dtype corrections are computed in: float32 for 16-bit floats (sums over h·w entries
+    lose too much in half precision), else the dtype itself."""
+    import onnx_ir as ir
+
+    return {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}.get(dtype, dtype)

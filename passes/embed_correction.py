@@ -37,16 +37,13 @@ import onnx_ir as ir
 
 from omnicache_export.filters import dft_filter_matrices, hartley_matrix
 from omnicache_export.passes.add_cache_output import value_index
+from omnicache_export.passes.cache_names import FULL_PREV, FULL_PREV2, STEP, widened
 
-STEP = "omnicache_step"
-FULL_PREV = "omnicache_full_prev"
-FULL_PREV2 = "omnicache_full_prev2"
 COEFFICIENTS = "omnicache_coefficients"
 MASKS = "omnicache_filter_masks"
 BLEND = "omnicache_blend"
 
 _FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
-_WIDEN = {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}
 
 
 def correction_reference(out_tilde, full_prev, full_prev2, coef: float, mask: np.ndarray | None):
@@ -130,7 +127,7 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
         graph = model.graph
         out_tilde = self._output(model)
         out_type = out_tilde.dtype
-        compute = _WIDEN.get(out_type, out_type)
+        compute = widened(out_type)
         nodes: list[ir.Node] = []
 
         def op(op_type, *inputs, **attributes) -> ir.Value:

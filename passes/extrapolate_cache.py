@@ -22,12 +22,10 @@ import numpy as np
 import onnx_ir as ir
 
 from omnicache_export.passes.add_cache_output import value_index
-from omnicache_export.passes.cache_names import prev_cache_name
+from omnicache_export.passes.cache_names import STEP, prev_cache_name, widened
 
-STEP = "omnicache_step"
 TREND = "omnicache_cache_trend"
-
-_WIDEN = {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}
+_FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
 
 
 class ExtrapolateCachePass(ir.passes.InPlacePass):
@@ -44,7 +42,7 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
         if missing:
             raise fail(f"the graph has no cache inputs {missing}")
         for name in self.cache_names:
-            if inputs[name].dtype not in (*_WIDEN, ir.DataType.FLOAT, ir.DataType.DOUBLE):
+            if inputs[name].dtype not in _FLOATS:
                 raise fail(f"cache input {name!r} has dtype {inputs[name].dtype}; a floating-point type is needed")
         if self.trend.ndim != 1 or self.trend.size < 1 or not np.all(np.isfinite(self.trend)):
             raise fail(f"trend must be a finite 1-D array with N >= 1 entries, got shape {self.trend.shape}")
@@ -74,13 +72,13 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
             readers = list(cache.uses())  # taken before the new nodes read it too
             prev = ir.Value(name=prev_cache_name(name), shape=cache.shape, type=cache.type)
             graph.inputs.append(prev)
-            wide = _WIDEN.get(cache.dtype)
+            wide = widened(cache.dtype)
             d = op("Sub", cache, prev)
             r = op("Cast", rho, to=cache.dtype) if cache.dtype == ir.DataType.DOUBLE else rho
-            if wide is not None:
+            if wide != cache.dtype:
                 d = op("Cast", d, to=wide)
             moved = op("Mul", d, r)
-            if wide is not None:
+            if wide != cache.dtype:
                 moved = op("Cast", moved, to=cache.dtype)
             hat = op("Add", cache, moved)
             hat.name = f"{name}_extrapolated"

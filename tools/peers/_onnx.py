@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnicache_export.calibrate import extrapolation_ratios
+from omnicache_export.calibrate import carried_caches, extrapolation_ratios
 from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
 from omnicache_export.runtime import PREV, PREV2, STEP
 from omnicache_export.sampler import SamplingSpec, sample, timesteps_of
@@ -69,10 +69,7 @@ def run_schedule(case: OnnxCase, full: np.ndarray, extrapolate: bool) -> PeerRun
             out, caches = g.run_full(feeds)
             state["r2"], state["r"], state["out"] = state["r"], caches, out
             return out
-        caches = state["r"]
-        if extrapolate and state["r2"] is not None and ratios[i] != 0.0:
-            a = np.float32(ratios[i])
-            caches = {k: v + a * (v - state["r2"][k]) for k, v in caches.items()}
+        caches = carried_caches(state["r"], state["r2"], float(ratios[i]) if extrapolate else 0.0)
         return g.run_cache(i, feeds, caches, state["out"])
 
     try:
