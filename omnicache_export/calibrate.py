@@ -56,9 +56,12 @@ class Correction:
     def mixed(cls, mix: float, n: int, scale: float | np.ndarray = 1.0, filt: StageFilter | None = None,
               name: str | None = None) -> Correction:
         gammas = np.broadcast_to(np.asarray(scale, float) * mix, (n,)).copy()
-        label = name or (f"cache trend, mix {mix:g}" + ("" if np.all(np.asarray(scale) == 1.0) else f", gamma={scale:g}"))
+        if name is None:
+            name = f"cache trend, mix {mix:g}"
+            if np.any(np.asarray(scale) != 1.0):
+                name += f", gamma={scale:g}" if np.ndim(scale) == 0 else ", gamma per step"
         trend = np.broadcast_to(np.asarray(scale, float), (n,)).copy()
-        return cls(label, gammas, filt or StageFilter(), blend=mix, cache_trend=trend)
+        return cls(name, gammas, filt or StageFilter(), blend=mix, cache_trend=trend)
 
     def coefficients(self, ratios: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(self.gammas), 0.0, np.nan_to_num(self.gammas) * ratios).astype(np.float32)
@@ -282,7 +285,9 @@ def schedule_candidates(
                     continue
                 for p, w in (weights or {0.0: np.ones(n_steps)}).items():
                     name = f"corrected-error-dp (runs<={runs}, p={p:g}{tail}) [{key}]"
-                    out.append(solve_pairwise_schedule(n_steps, m, weighted(errors, w), runs, last, name))
+                    s = solve_pairwise_schedule(n_steps, m, weighted(errors, w), runs, last, name)
+                    s.predictor = key
+                    out.append(s)
         for runs in sorted({1, k}):
             if m <= sched.max_cached(n_steps, runs, last):
                 s = sched.solve_schedule(n_steps, m, cost, runs, last)
@@ -301,7 +306,7 @@ def schedule_candidates(
             raise ValueError(f"no schedule candidate matches {plan.schedules} for {m} cached steps")
     unique: dict[tuple[str, str], sched.Schedule] = {}  # a DP's schedule runs with its own predictor only
     for s in out:
-        unique.setdefault((s.pattern, s.name[s.name.find(" [") + 1:] if s.name.endswith("]") else ""), s)
+        unique.setdefault((s.pattern, s.predictor), s)
     return list(unique.values())
 
 
@@ -379,9 +384,8 @@ def calibrate(
     # a correction. (The DP's schedules are built for one predictor: only that one runs on them.)
     runs: list[tuple[sched.Schedule, Correction]] = []
     for s in schedules:
-        planned = next((key for key in predictors if s.name.endswith(f"[{key}]")), None)
-        if planned is not None:
-            runs.append((s, predictors[planned]))
+        if s.predictor:
+            runs.append((s, predictors[s.predictor]))
             continue
         if plan.correction != "gamma1":
             runs.append((s, none_correction()))
@@ -390,11 +394,11 @@ def calibrate(
     candidates: list[Candidate] = []
     bar = tqdm(total=len(runs), desc="calibration: schedules", disable=not progress)
 
-    def evaluate(s: sched.Schedule, corr: Correction, fit_local: bool = False) -> tuple[Candidate, CachedRun]:
+    def evaluate(s: sched.Schedule, corr: Correction) -> Candidate:
         ratios = extrapolation_ratios(s.full, timesteps)
         run = run_cached(
             spec, full_fn, cache_fn, cond, uncond, n_samples, seed, s.full,
-            corr.coefficients(ratios), corr.masks(n, filter_hw), fit_local, batched, corr.blends(ratios),
+            corr.coefficients(ratios), corr.masks(n, filter_hw), False, batched, corr.blends(ratios),
             corr.trends(ratios),
         )
         scores = psnr(run.final, reference)
@@ -402,7 +406,7 @@ def calibrate(
                          float(np.sqrt(np.mean((run.final - reference) ** 2))), run.final)
         candidates.append(cand)
         bar.update(1)
-        return cand, run
+        return cand
 
     for s, corr in runs:
         evaluate(s, corr)
@@ -434,8 +438,12 @@ def calibrate(
                 refine += [Correction.mixed(best_mix, n, 1.0, f, f"cache trend, mix {best_mix:g} + filter {f.name}")
                            for f in candidate_grid(n)[1:]]
         else:
-            _, run = evaluate(s, gamma(1.0, "gamma=1 (local fit pass)"), fit_local=True)
-            sums = run.local_fit
+            # One more γ = 1 run that also runs the full graph at cached steps: the fit's sums only
+            # (its score is the γ = 1 candidate's, already kept).
+            ones = gamma(1.0, "gamma=1")
+            ratios = extrapolation_ratios(s.full, timesteps)
+            sums = run_cached(spec, full_fn, cache_fn, cond, uncond, n_samples, seed, s.full, ones.coefficients(ratios),
+                              None, True, batched).local_fit
             with np.errstate(invalid="ignore", divide="ignore"):
                 local = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
             refine = [Correction("local least-squares gamma", np.where(np.isnan(local), 1.0, local))]

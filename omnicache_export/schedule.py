@@ -73,6 +73,7 @@ class Schedule:
     full: np.ndarray  # bool [N]
     total_cost: float = float("nan")  # objective value; NaN when no cost was given
     name: str = ""
+    predictor: str = ""  # the correction a correction-aware DP planned it for ("": any)
     _reuse: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

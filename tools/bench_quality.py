@@ -410,8 +410,7 @@ def calibration_ablation(ratio: float, manifest: dict) -> dict:
            "cache_trend": best(lambda c: same(c) and c["correction"].startswith("cache trend")),
            "uncorrected": best(lambda c: c["correction"] == "none")}
     for p in ("0", "0.25", "0.5"):
-        out[f"dp_p{p}"] = best(lambda c: c["schedule"].startswith("corrected-error-dp") and f"p={p}," in c["schedule"]
-                               or c["schedule"].startswith("corrected-error-dp") and f"p={p})" in c["schedule"])
+        out[f"dp_p{p}"] = best(lambda c: re.match(rf"corrected-error-dp \(runs<=\d+, p={re.escape(p)}[,)]", c["schedule"]))
     return out
 
 
