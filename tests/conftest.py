@@ -67,3 +67,19 @@ def zoo_split(zoo_export, tmp_path_factory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def zoo_step(zoo_split):
+    """zoo_step(family, seed=1) -> (split folder, the cache graph's feeds: the model inputs plus the
+    full graph's cache tensors, the full graph's outputs), at batch 2."""
+    from omnicache_export.zoo.families import FAMILIES
+
+    def get(family: str, seed: int = 1):
+        folder = zoo_split(family)
+        feeds = FAMILIES[family].example_inputs(2, seed)
+        full = run_ort(folder / "full.onnx", feeds)
+        feeds.update((k, v) for k, v in full.items() if k.startswith("omnicache_cache"))
+        return folder, feeds, full
+
+    return get

@@ -26,18 +26,12 @@ ALL = FILTERED + ["flux"]  # packed [B, L, C]: no spatial axes, so no filter
 
 
 @pytest.fixture(scope="module")
-def split_case(zoo_split):
+def split_case(zoo_step):
     """split_case(family) -> (cache.onnx path, feeds for the cache graph, full graph's output)."""
-    made = {}
 
     def get(family: str):
-        if family not in made:
-            fam, folder = FAMILIES[family], zoo_split(family)
-            feeds = fam.example_inputs(2, 1)
-            full = run_ort(folder / "full.onnx", feeds)
-            feeds.update((k, v) for k, v in full.items() if k.startswith("omnicache_cache"))
-            made[family] = (folder / "cache.onnx", feeds, full[fam.output_name])
-        return made[family]
+        folder, feeds, full = zoo_step(family)
+        return folder / "cache.onnx", feeds, full[FAMILIES[family].output_name]
 
     return get
 

@@ -12,26 +12,19 @@ from conftest import max_rel_err, run_ort
 from omnicache_export.passes.cache_names import prev_cache_name
 from omnicache_export.passes.embed_correction import FULL_PREV, FULL_PREV2, EmbedCorrectionPass
 from omnicache_export.passes.extrapolate_cache import STEP, ExtrapolateCachePass
-from omnicache_export.zoo.families import FAMILIES
 
 FAMILY_CASES = ["dit", "latte", "flux"]  # image, video, packed latents with a text stream
 
 
 @pytest.fixture(scope="module")
-def split_case(zoo_split):
+def split_case(zoo_step):
     """split_case(family) -> (cache.onnx, feeds with this step's caches, cache names, a second step's caches)."""
-    made = {}
 
     def get(family: str):
-        if family not in made:
-            fam, folder = FAMILIES[family], zoo_split(family)
-            names = [v.name for v in ir.load(folder / "cache.onnx").graph.inputs if v.name.startswith("omnicache_cache")]
-            feeds = fam.example_inputs(2, 1)
-            full = run_ort(folder / "full.onnx", feeds)
-            older = run_ort(folder / "full.onnx", fam.example_inputs(2, 7))
-            feeds.update((k, full[k]) for k in names)
-            made[family] = (folder / "cache.onnx", feeds, names, {prev_cache_name(k): older[k] for k in names})
-        return made[family]
+        folder, feeds, _ = zoo_step(family)
+        _, older, _ = zoo_step(family, seed=7)
+        names = [v.name for v in ir.load(folder / "cache.onnx").graph.inputs if v.name.startswith("omnicache_cache")]
+        return folder / "cache.onnx", feeds, names, {prev_cache_name(k): older[k] for k in names}
 
     return get
 
