@@ -7,7 +7,7 @@ name and declared shape and becomes
     out = õ + λ[step] * (full_prev - õ) + coef[step] * F_step(full_prev - full_prev2)
 
 (λ, optional, moves the prediction's base from the cache output to the last full output), with õ the value the graph computed before and F_step(z) = Re(IDFT2(M_step * DFT2(z))) over the last
-two axes, lowered to real Hartley MatMuls (see omnicache_export.filters):
+two axes, lowered to real Hartley MatMuls (see omnicache_export.calibration.filters):
 
     F(z) = H_h @ ((M / (h w)) * (H_h @ z @ H_w)) @ H_w
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from omnicache_export.filters import dft_filter_matrices, hartley_matrix
+from omnicache_export.calibration.filters import dft_filter_matrices, hartley_matrix
 from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.cache_names import FULL_PREV, FULL_PREV2, STEP, widened
 

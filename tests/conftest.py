@@ -55,7 +55,7 @@ def zoo_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zoo_split(zoo_export, tmp_path_factory):
     """zoo_split(family) -> folder with the TorchScript export's full.onnx and cache.onnx (made once)."""
-    from omnicache_export.split import split
+    from omnicache_export.graph.split import split
 
     made: dict[str, object] = {}
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from omnicache_export.calibrate import CalibrationPlan, calibrate, extrapolation_ratios, psnr
-from omnicache_export.sampler import SamplingSpec, scheduler_config
+from omnicache_export.calibration.calibrate import CalibrationPlan, calibrate, extrapolation_ratios, psnr
+from omnicache_export.runtime.sampler import SamplingSpec, scheduler_config
 
 H = W = 8
 

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 
 from conftest import max_rel_err, run_ort
-from omnicache_export.cli import main
+from omnicache_export.cli.main import main
 from omnicache_export.zoo.families import FAMILIES
 
 

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import max_rel_err, run_ort
-from omnicache_export.filters import butterworth_mask
+from omnicache_export.calibration.filters import butterworth_mask
 from omnicache_export.passes.embed_correction import (
     FULL_PREV,
     FULL_PREV2,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from omnicache_export.filters import (
+from omnicache_export.calibration.filters import (
     StageFilter,
     apply_filter_numpy,
     butterworth_mask,

@@ -9,13 +9,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from omnicache_export import schedule as sched
-from omnicache_export.cli import main
+from omnicache_export.calibration import schedule as sched
+from omnicache_export.cli.main import main
 from omnicache_export.errors import UserError
-from omnicache_export.manifest import read_manifest
-from omnicache_export.modelio import sha256_file
-from omnicache_export.pipeline import ExportOptions, export
-from omnicache_export.runtime import OmniCache
+from omnicache_export.runtime.manifest import read_manifest
+from omnicache_export.graph.modelio import sha256_file
+from omnicache_export.pipeline.job import ExportOptions, export
+from omnicache_export.runtime.omnicache import OmniCache
 from omnicache_export.zoo.export import write_inputs_npz
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -93,9 +93,9 @@ def test_torchscript_export_matches_torch(name, exported):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_conditioning_is_calib_format(name, tmp_path, exported):
-    from omnicache_export.inputs import load_conditioning
-    from omnicache_export.modelio import load_model
-    from omnicache_export.roles import guess_roles
+    from omnicache_export.runtime.conditioning import load_conditioning
+    from omnicache_export.graph.modelio import load_model
+    from omnicache_export.graph.roles import guess_roles
 
     ref = load_reference(name)
     labels = np.array([1, 2, 3, 5, 8])

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from omnicache_export.report import ReportData, predicted_speedup, write_report
+from omnicache_export.report.page import ReportData, predicted_speedup, write_report
 
 PNG_RE = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
 

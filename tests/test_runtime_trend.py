@@ -7,14 +7,14 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from omnicache_export import modelio
-from omnicache_export.analysis import analyze
-from omnicache_export.calibrate import Correction, extrapolation_ratios, run_cached
+from omnicache_export.graph import modelio
+from omnicache_export.graph.analysis import analyze
+from omnicache_export.calibration.calibrate import Correction, extrapolation_ratios, run_cached
 from omnicache_export.passes.cache_names import cache_name, prev_cache_name
-from omnicache_export.pipeline import UNCORRECTED, ExportOptions, _embed, _Engines, sampling_spec
-from omnicache_export.runtime import OmniCache
-from omnicache_export.sampler import timesteps_of
-from omnicache_export.split import write_graphs
+from omnicache_export.pipeline.job import UNCORRECTED, ExportOptions, _embed, _Engines, sampling_spec
+from omnicache_export.runtime.omnicache import OmniCache
+from omnicache_export.runtime.sampler import timesteps_of
+from omnicache_export.graph.split import write_graphs
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

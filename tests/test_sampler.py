@@ -9,7 +9,7 @@ import torch
 
 from conftest import max_rel_err
 from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
-from omnicache_export.sampler import SamplingSpec, make_scheduler, sample, scheduler_config
+from omnicache_export.runtime.sampler import SamplingSpec, make_scheduler, sample, scheduler_config
 from omnicache_export.zoo.families import FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

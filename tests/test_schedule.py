@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from omnicache_export.schedule import (
+from omnicache_export.calibration.schedule import (
     Schedule,
     alternating_schedule,
     max_cached,

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from omnicache_export.schedule import max_cached
-from omnicache_export.calibrate import Correction, pair_estimate
-from omnicache_export.schedule_corrected import corrected_errors, solve_pairwise_schedule
+from omnicache_export.calibration.schedule import max_cached
+from omnicache_export.calibration.calibrate import Correction, pair_estimate
+from omnicache_export.calibration.schedule_corrected import corrected_errors, solve_pairwise_schedule
 
 
 def brute_force(n, m, cost, k, last):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omnicache_export.sampler import Denoiser, SamplingSpec, scheduler_config, timesteps_of
-from omnicache_export.sensitivity import frozen_output_gains, step_sizes, step_weights
+from omnicache_export.runtime.sampler import Denoiser, SamplingSpec, scheduler_config, timesteps_of
+from omnicache_export.calibration.sensitivity import frozen_output_gains, step_sizes, step_weights
 
 
 def _spec(name: str, n: int) -> SamplingSpec:

@@ -9,7 +9,7 @@ import pytest
 from conftest import family_cases, max_rel_err, run_ort
 from omnicache_export.passes import graph_walk as gw
 from omnicache_export.passes.scopes import indexed_modules, node_scope
-from omnicache_export.split import split
+from omnicache_export.graph.split import split
 from omnicache_export.zoo.families import FAMILIES
 
 CASES = list(family_cases(FAMILIES))

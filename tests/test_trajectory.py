@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from omnicache_export.trajectory import menger_curvature, project_3d, trajectory_curvature
+from omnicache_export.calibration.trajectory import menger_curvature, project_3d, trajectory_curvature
 
 
 def random_rotation(d, rng):

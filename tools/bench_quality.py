@@ -75,7 +75,7 @@ ATTENTION_ONLY = ("diffusers TaylorSeer", "diffusers PAB", "diffusers FasterCach
 
 def psnr(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Per-sample PSNR (dB), each reference sample's value range as the peak (as calibration scores)."""
-    from omnicache_export.calibrate import psnr as _psnr
+    from omnicache_export.calibration.calibrate import psnr as _psnr
 
     return _psnr(np.asarray(result, np.float64), np.asarray(reference, np.float64))
 
@@ -171,14 +171,14 @@ def scored(row: Row, final: np.ndarray, reference: np.ndarray, judge: Judge, bas
 
 
 def n_full_for(steps: int, ratio: float) -> int:
-    from omnicache_export.schedule import n_cached_for
+    from omnicache_export.calibration.schedule import n_cached_for
 
     return steps - n_cached_for(steps, cache_ratio=ratio)
 
 
 def export_variant(onnx: Path, out: Path, ref, steps: int, ratio: float, calib: Path, scheduler: Path,
                    variant: tuple) -> dict:
-    from omnicache_export.pipeline import ExportOptions, export
+    from omnicache_export.pipeline.job import ExportOptions, export
 
     schedules, correction, filters = variant[:3]
     last = variant[3] if len(variant) > 3 else None  # None: calibration tries both
@@ -192,7 +192,7 @@ def export_variant(onnx: Path, out: Path, ref, steps: int, ratio: float, calib: 
 
 
 def run_omnicache(folder: Path, cond, uncond, n: int) -> tuple[np.ndarray, float]:
-    from omnicache_export.runtime import OmniCache
+    from omnicache_export.runtime.omnicache import OmniCache
 
     rt = OmniCache.load(folder)
     try:
@@ -205,7 +205,7 @@ def run_omnicache(folder: Path, cond, uncond, n: int) -> tuple[np.ndarray, float
 
 
 def no_cache_onnx(folder: Path, cond, uncond, n: int) -> tuple[np.ndarray, float]:
-    from omnicache_export.runtime import OmniCache
+    from omnicache_export.runtime.omnicache import OmniCache
 
     rt = OmniCache.load(folder)
     try:
@@ -283,7 +283,7 @@ def skip_reason(exc: BaseException) -> str:
 
 def bench_model_steps(ref, onnx: Path, steps: int, ratios: list[float], spc: int, methods: set[str] | None,
                       workdir: Path, log, weights_dir: Path | None = None) -> dict:
-    from omnicache_export.sampler import SamplingSpec, sample
+    from omnicache_export.runtime.sampler import SamplingSpec, sample
     from omnicache_export.zoo.reference import scheduler_json, write_calib_npz
     from peers import _onnx, abcache, fora
     from peers._torch import TorchCase, torch_model_fn

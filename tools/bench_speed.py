@@ -86,8 +86,8 @@ def build_and_export(path: Path, seed: int = 0) -> Path:
 
 
 def check_blocks(path: Path) -> dict:
-    from omnicache_export import modelio
-    from omnicache_export.analysis import analyze
+    from omnicache_export.graph import modelio
+    from omnicache_export.graph.analysis import analyze
 
     region = analyze(modelio.load_model(path)).to_json()["block_region"]
     if region["n_blocks"] != DIT_S2["num_layers"]:
@@ -117,7 +117,7 @@ def interleaved(fns: dict[str, callable], repeats: int, warmup: int = 1) -> dict
 
 
 def sample_loop(rt, cond, gen_cls=None, no_cache=False, seed=1):
-    from omnicache_export.runtime import Generation
+    from omnicache_export.runtime.omnicache import Generation
 
     gen = (gen_cls or Generation)(rt, cond, {}, 1, seed, no_cache)
     while not gen.done:
@@ -211,7 +211,7 @@ def no_spin_runtime(out_dir: Path, threads: int | None, roles=("cache",)):
 
 def load_runtime(out_dir: Path, threads: int | None):
     from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
-    from omnicache_export.runtime import OmniCache
+    from omnicache_export.runtime.omnicache import OmniCache
 
     rt = OmniCache.load(out_dir)
     if threads:
@@ -225,7 +225,7 @@ def load_runtime(out_dir: Path, threads: int | None):
 
 def step_feeds(rt, cond) -> tuple[dict, dict, int]:
     """Real feeds of both graphs at the first cached step (and after its two preceding full steps)."""
-    from omnicache_export.runtime import Generation
+    from omnicache_export.runtime.omnicache import Generation
 
     gen = Generation(rt, cond, {}, 1, 0, False)
     first_cached = int(np.flatnonzero(~rt.full_steps)[0])
@@ -243,7 +243,7 @@ def step_feeds(rt, cond) -> tuple[dict, dict, int]:
 
 def host_overhead(rt, cond, reps: int = 200) -> dict[str, float]:
     """Median microseconds of each non-engine piece of one runtime step, on real tensors."""
-    from omnicache_export.runtime import Generation
+    from omnicache_export.runtime.omnicache import Generation
 
     gen = Generation(rt, cond, {}, 1, 0, False)
     gen.step()
@@ -295,7 +295,7 @@ def lean_generation_cls():
     """A prototype of a leaner runtime step: the DDIM update in numpy from precomputed alphas (no
     torch round trip), no scale_model_input call where the scheduler's is the identity, no zeros_like
     per cached step, and the feeds built once per step without copying the static dict."""
-    from omnicache_export.runtime import Generation
+    from omnicache_export.runtime.omnicache import Generation
 
     class LeanGeneration(Generation):
         def __init__(self, rt, cond, uncond, n, seed, no_cache):
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
 def run(args, work: Path, command: str) -> int:
     import onnxruntime as ort
 
-    from omnicache_export.pipeline import ExportOptions, export
+    from omnicache_export.pipeline.job import ExportOptions, export
 
     model_path = work / "dit_s2.onnx"
     calib = work / "calib.npz"

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime
 
-from omnicache_export.split import split
+from omnicache_export.graph.split import split
 from omnicache_export.zoo.export import export_family
 from omnicache_export.zoo.families import FAMILIES
 

@@ -242,7 +242,7 @@ class Reference:
         return cond, uncond
 
     def sampling_spec(self, steps: int | None = None, guidance: float | None = None):
-        from omnicache_export.sampler import SamplingSpec
+        from omnicache_export.runtime.sampler import SamplingSpec
 
         return SamplingSpec(
             scheduler=self.scheduler, n_steps=int(steps or self.steps), latent="hidden_states",
@@ -260,7 +260,7 @@ class Reference:
                      record: bool = False):
         """Samples [N, *latent_shape] for class labels, with the default sampler (or `steps`, `guidance`),
         through the project's sampling loop; with `record`, also the trajectory [N, steps+1, ...]."""
-        from omnicache_export.sampler import sample
+        from omnicache_export.runtime.sampler import sample
 
         cond, uncond = self.conditioning(labels)
         spec = self.sampling_spec(steps, guidance)
@@ -343,7 +343,7 @@ def save_reference(spec: ReferenceSpec, model: nn.Module, config: dict[str, Any]
 
 def write_calib_npz(name: str, labels, path: str | Path, weights_dir: str | Path | None = None) -> Path:
     """Conditioning for `labels` in the `--calib` / `--inputs` npz format (uncond/<name> for guidance)."""
-    from omnicache_export.inputs import UNCOND
+    from omnicache_export.runtime.conditioning import UNCOND
 
     cond, uncond = load_reference(name, weights_dir).conditioning(labels)
     path = Path(path)

@@ -15,7 +15,7 @@ torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
 job_dir = Path(sys.argv[1])
 job = json.loads((job_dir / "job.json").read_text())
 sys.path.insert(0, job["repo"])
-from omnicache_export.sampler import SamplingSpec, sample  # noqa: E402  (numpy, torch, diffusers only)
+from omnicache_export.runtime.sampler import SamplingSpec, sample  # noqa: E402  (numpy, torch, diffusers only)
 
 import cache_dit  # noqa: E402
 import diffusers  # noqa: E402

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from omnicache_export.calibrate import carried_caches, extrapolation_ratios
+from omnicache_export.calibration.calibrate import carried_caches, extrapolation_ratios
 from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
-from omnicache_export.runtime import PREV, PREV2, STEP
-from omnicache_export.sampler import SamplingSpec, sample, timesteps_of
+from omnicache_export.runtime.omnicache import PREV, PREV2, STEP
+from omnicache_export.runtime.sampler import SamplingSpec, sample, timesteps_of
 
 from ._torch import PeerRun
 

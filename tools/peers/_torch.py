@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from omnicache_export.sampler import SamplingSpec, sample
+from omnicache_export.runtime.sampler import SamplingSpec, sample
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ through the same ONNX graphs as OmniCache."""
 
 from __future__ import annotations
 
-from omnicache_export.schedule import alternating_schedule
+from omnicache_export.calibration.schedule import alternating_schedule
 
 from ._onnx import OnnxCase, run_schedule
 from ._torch import PeerRun

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from omnicache_export import modelio
-from omnicache_export.analysis import ModelAnalysis, analyze
-from omnicache_export.feeds import synthesize
+from omnicache_export.graph import modelio
+from omnicache_export.graph.analysis import ModelAnalysis, analyze
+from omnicache_export.graph.synthetic import synthesize
 from omnicache_export.passes.add_cache_output import AddCacheOutputPass
 from omnicache_export.passes.cache_names import cache_name
 from omnicache_export.passes.cut_block_stack import CutBlockStackPass

@@ -17,12 +17,12 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from omnicache_export import schedule as sched
-from omnicache_export.filters import StageFilter, apply_filter_numpy, candidate_grid, dft_filter_matrices
-from omnicache_export.sampler import SamplingSpec, sample_chunked
-from omnicache_export.schedule_corrected import PairCost, corrected_errors, solve_pairwise_schedule, weighted
-from omnicache_export.sensitivity import frozen_output_gains, step_weights
-from omnicache_export.trajectory import CurvatureStats, trajectory_curvature
+from omnicache_export.calibration import schedule as sched
+from omnicache_export.calibration.filters import StageFilter, apply_filter_numpy, candidate_grid, dft_filter_matrices
+from omnicache_export.runtime.sampler import SamplingSpec, sample_chunked
+from omnicache_export.calibration.schedule_corrected import PairCost, corrected_errors, solve_pairwise_schedule, weighted
+from omnicache_export.calibration.sensitivity import frozen_output_gains, step_weights
+from omnicache_export.calibration.trajectory import CurvatureStats, trajectory_curvature
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def calibrate(
 ) -> CalibrationResult:
     """`batched`: the conditioning inputs that carry a sample axis (default: all of them)."""
     n = spec.n_steps
-    from omnicache_export.sampler import Denoiser, timesteps_of
+    from omnicache_export.runtime.sampler import Denoiser, timesteps_of
 
     timesteps = timesteps_of(spec)
     logger.info("pass 1: %d reference samples, %d steps", n_samples, n)

@@ -12,18 +12,19 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from omnicache_export import modelio
-from omnicache_export import schedule as sched
-from omnicache_export.analysis import ModelAnalysis, analyze
-from omnicache_export.calibrate import CalibrationPlan, calibrate, measure_cost_ratio, psnr
+from omnicache_export.graph import modelio
+from omnicache_export.calibration import schedule as sched
+from omnicache_export.graph.analysis import ModelAnalysis, analyze
+from omnicache_export.calibration.calibrate import CalibrationPlan, calibrate, measure_cost_ratio, psnr
 from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
 from omnicache_export.errors import UserError
-from omnicache_export.feeds import NUMPY_DTYPES
-from omnicache_export.inputs import Conditioning, batched_inputs, load_conditioning, synthesize_conditioning
-from omnicache_export.manifest import artifact_entries, write_manifest
+from omnicache_export.io_spec import NUMPY_DTYPES
+from omnicache_export.graph.synthetic import synthesize_conditioning
+from omnicache_export.runtime.conditioning import Conditioning, batched_inputs, load_conditioning
+from omnicache_export.runtime.manifest import artifact_entries, write_manifest
 from omnicache_export.passes.cache_names import cache_name
-from omnicache_export.sampler import SamplingSpec, batched_feeds, scheduler_config
-from omnicache_export.split import check_saved, write_graphs
+from omnicache_export.runtime.sampler import SamplingSpec, batched_feeds, scheduler_config
+from omnicache_export.graph.split import check_saved, write_graphs
 
 logger = logging.getLogger(__name__)
 UNCORRECTED = "cache.uncorrected.onnx"
@@ -246,7 +247,7 @@ def _default_cached(opts: ExportOptions) -> int:
 
 def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict, batched: set[str]) -> dict:
     """Feeds of one step for one sample (the static batch's worth where the export fixed it)."""
-    from omnicache_export.sampler import Denoiser
+    from omnicache_export.runtime.sampler import Denoiser
 
     den = Denoiser(spec)
     size = spec.chunk or 1
@@ -274,7 +275,7 @@ def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarra
 def _verify(folder: Path, spec, analysis, cond, uncond, k, seed, result, batched) -> dict:
     """The runtime, with the correction inside the graph, against calibration's numpy correction
     (same schedule, seeds, conditions) and against sampling without cache; and its speed."""
-    from omnicache_export.runtime import OmniCache
+    from omnicache_export.runtime.omnicache import OmniCache
 
     # Artifacts are hashed after this check, so the runtime is built from the parts, not the manifest.
     names = [cache_name(i) for i in range(len(analysis.region.streams))]
@@ -309,7 +310,7 @@ def _stages(filt, n: int) -> list[str]:
 
 
 def _write_report(folder: Path, body: dict, result, best, masks, hw, synthesized: bool, model_name: str) -> None:
-    from omnicache_export.report import ReportData, write_report
+    from omnicache_export.report.page import ReportData, write_report
 
     notes = []
     if synthesized:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from omnicache_export.schedule import Schedule, _check_m
+from omnicache_export.calibration.schedule import Schedule, _check_m
 
 PairCost = Callable[[int, int, int], float]
 """cost(i, j, j2): caching step i with j the last full step before it and j2 the one before (-1: none)."""

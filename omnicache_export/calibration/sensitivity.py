@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from omnicache_export.sampler import Denoiser, SamplingSpec
+from omnicache_export.runtime.sampler import Denoiser, SamplingSpec
 
 PROBE = 1e-2  # relative to the prediction's RMS: small enough to stay linear, big enough for float32
 

@@ -7,15 +7,16 @@ import logging
 
 import onnx_ir as ir
 
-from omnicache_export import flops as flops_mod
+from omnicache_export.graph import flops as flops_mod
 from omnicache_export.errors import UserError
 from omnicache_export.passes import graph_walk as gw
 from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.locate_blocks import BlockRegion, BlockStackNotFound, locate_block_stack
-from omnicache_export.feeds import synthesize
-from omnicache_export.modelio import weight_bytes
+from omnicache_export.graph.synthetic import synthesize
+from omnicache_export.graph.modelio import weight_bytes
 from omnicache_export.passes.static_shapes import bind_input_dims, infer_static_shapes, probe_shapes
-from omnicache_export.roles import IOSpec, guess_roles
+from omnicache_export.graph.roles import guess_roles
+from omnicache_export.io_spec import IOSpec
 
 logger = logging.getLogger(__name__)
 PROBE_MAX_WEIGHT_BYTES = 256 << 20

@@ -65,7 +65,7 @@ class ReportData:
     @classmethod
     def example(cls, n_steps: int = 20, k: int = 3, seed: int = 0) -> "ReportData":
         """EXAMPLE data, fabricated for tests and previews; not a calibration result."""
-        from .filters import butterworth_mask
+        from omnicache_export.calibration.filters import butterworth_mask
 
         rng = np.random.default_rng(seed)
         n = int(n_steps)

@@ -46,8 +46,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from omnicache_export import modelio
-    from omnicache_export.analysis import analyze
+    from omnicache_export.graph import modelio
+    from omnicache_export.graph.analysis import analyze
 
     model = modelio.load_model(args.model)
     analysis = analyze(model, args.latent, args.timestep, args.region_start, args.region_end, _parse_dims(args.input_shape))
@@ -58,7 +58,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from omnicache_export.split import split
+    from omnicache_export.graph.split import split
 
     result = split(
         args.model,
@@ -87,7 +87,7 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from omnicache_export.pipeline import ExportOptions, export
+    from omnicache_export.pipeline.job import ExportOptions, export
 
     if args.num_calib < 1:
         raise UserError("--num-calib must be at least 1")
@@ -143,9 +143,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from omnicache_export.inputs import batched_inputs, load_conditioning
-    from omnicache_export.roles import IOSpec
-    from omnicache_export.runtime import OmniCache
+    from omnicache_export.runtime.conditioning import batched_inputs, load_conditioning
+    from omnicache_export.io_spec import IOSpec
+    from omnicache_export.runtime.omnicache import OmniCache
 
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} already exists (pass --force to replace it)")
@@ -154,7 +154,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         io = [IOSpec(**s) for s in rt.manifest["io"]["inputs"]]
         cond = load_conditioning(args.inputs, io, rt.spec.cfg)
         batched = batched_inputs(io)
-        from omnicache_export.sampler import Denoiser
+        from omnicache_export.runtime.sampler import Denoiser
 
         Denoiser(rt.spec)  # imports diffusers and builds the scheduler once: wall_s is the loop alone
         latents = []

@@ -7,25 +7,13 @@ vector over the batch), overridable by name.
 
 from __future__ import annotations
 
-import dataclasses
-
 import onnx_ir as ir
 
 from omnicache_export.errors import UserError
+from omnicache_export.io_spec import IOSpec
 
 LATENT_NAMES = ("hidden_states", "sample", "latent", "latents", "x", "img", "noisy_latents", "z", "x_t")
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "ts")
-
-
-@dataclasses.dataclass
-class IOSpec:
-    name: str
-    dtype: str
-    shape: list[int | str | None]
-    role: str  # latent | timestep | conditioning | output
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _dims(value: ir.Value) -> list[int | str | None]:

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from omnicache_export.engines.base import Engine
-from omnicache_export.manifest import read_manifest
+from omnicache_export.runtime.manifest import read_manifest
 from omnicache_export.passes.cache_names import CACHE, FULL_PREV, FULL_PREV2, STEP, prev_cache_name
-from omnicache_export.sampler import Denoiser, SamplingSpec, batched_feeds, chunks
+from omnicache_export.runtime.sampler import Denoiser, SamplingSpec, batched_feeds, chunks
 
 PREV, PREV2 = FULL_PREV, FULL_PREV2
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omnicache_export import __version__
 from omnicache_export.errors import UserError
-from omnicache_export.modelio import sha256_file
+from omnicache_export.graph.modelio import sha256_file
 
 FORMAT = "omnicache-export/manifest"
 VERSION = 1

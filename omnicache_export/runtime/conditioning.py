@@ -1,4 +1,4 @@
-"""Conditioning inputs for calibration (`--calib`) and for `run` (`--inputs`): loading, checking, synthesis.
+"""Conditioning inputs for calibration (`--calib`) and for `run` (`--inputs`): loading and checking.
 
 The npz format: one array per conditioning input of the ONNX model, keyed by its name, with the
 sample axis in place of the input's batch axis (a `[B, L, D]` input takes a `[K, L, D]` array, a
@@ -13,11 +13,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
 from omnicache_export.errors import UserError
-from omnicache_export.feeds import NUMPY_DTYPES
-from omnicache_export.roles import IOSpec
+from omnicache_export.io_spec import NUMPY_DTYPES, IOSpec
 
 UNCOND = "uncond/"
 
@@ -100,48 +98,3 @@ def load_conditioning(path: str | Path, io: list[IOSpec], guidance: bool) -> Con
     if n < 1:
         raise UserError(f"{path}: holds no samples")
     return Conditioning(cond, uncond, n)
-
-
-def embedding_rows(model: ir.Model, name: str) -> int | None:
-    """Rows of the embedding table an integer input indexes (through Cast/Where), if any."""
-    value = next((v for v in model.graph.inputs if v.name == name), None)
-    frontier = [value] if value is not None else []
-    for _ in range(4):
-        nxt = []
-        for v in frontier:
-            for node in v.consumers():
-                if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
-                    return int(node.inputs[0].const_value.shape[0])
-                if node.op_type in ("Cast", "Where", "Unsqueeze", "Reshape"):
-                    nxt.extend(node.outputs)
-        frontier = nxt
-    return None
-
-
-def synthesize_conditioning(
-    model: ir.Model, io: list[IOSpec], n: int, seed: int, shapes: dict[str, list[int | None]] | None = None
-) -> Conditioning:
-    """Stand-in conditioning from the input shapes: N(0, 1) floats, random class indices (the last
-    embedding row, the usual null class, for uncond), zeros as unconditional embeddings."""
-    rng = np.random.default_rng(seed + 7919)
-    batched = batched_inputs(io)
-    cond, uncond = {}, {}
-    for spec in conditioning_specs(io):
-        dims = list((shapes or {}).get(spec.name) or spec.shape)
-        is_batched = spec.name in batched
-        rest = dims[1:] if is_batched else dims
-        if any(not isinstance(d, int) or d < 0 for d in rest):
-            raise UserError(f"input {spec.name!r} has dynamic dimensions {spec.shape}: give --input-shape or --calib")
-        shape = ([n] if is_batched else []) + rest
-        dtype = NUMPY_DTYPES.get(spec.dtype, np.float32)
-        if np.issubdtype(dtype, np.floating):
-            cond[spec.name] = rng.standard_normal(shape).astype(dtype)
-            uncond[spec.name] = np.zeros(shape, dtype)
-        else:
-            rows = embedding_rows(model, spec.name)
-            high = max(1, rows - 1) if rows else 1
-            cond[spec.name] = rng.integers(0, high, size=shape).astype(dtype)
-            uncond[spec.name] = np.full(shape, rows - 1 if rows else 0, dtype)
-        if not is_batched:
-            uncond.pop(spec.name)
-    return Conditioning(cond, uncond, n, synthesized=True)

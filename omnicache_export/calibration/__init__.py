@@ -1,0 +1,1 @@
+"""Calibration: trajectory and curvature, schedules, sensitivity, filters, candidates and scoring."""

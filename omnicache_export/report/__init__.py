@@ -1,0 +1,1 @@
+"""report.html: what calibration measured and chose, with its plots."""
