@@ -1,7 +1,13 @@
-"""The engine interface: a compiled graph that maps named numpy inputs to named numpy outputs.
+"""The engine interface on device tensors (torch), split as Polygraphy splits it.
 
-Backends (ONNX Runtime, TensorRT) implement it the way Polygraphy's runners do: build or load once,
-describe the IO, run many times. The runtime only ever talks to this interface.
+- A *loader* holds the settings (path, device, threads, spinning, providers …) and builds or loads
+  the compiled graph once, lazily, on its first call: `engine = loader()`.
+- An *engine* is the compiled graph, shared by every generation: its IO specs and `runner()`.
+- A *runner* owns what one concurrent generation needs (execution context, stream, IO binding).
+  `infer(feeds, outputs)` reads device tensors and writes the outputs into buffers the caller
+  allocated once (`output_shapes` tells their shapes), so nothing crosses to the host.
+
+The runtime, calibration and the benchmarks only ever talk to this interface.
 """
 
 from __future__ import annotations
@@ -10,20 +16,52 @@ import abc
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import numpy as np
+import torch
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: np.dtype
+    dtype: torch.dtype
     shape: tuple[int | str | None, ...]  # str/None: dynamic
 
 
+class Runner(abc.ABC):
+    """One execution context of an engine; use one per concurrent generation."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @abc.abstractmethod
+    def output_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        """Every output's shape for these input shapes (to allocate the buffers once)."""
+
+    @abc.abstractmethod
+    def infer(
+        self,
+        feeds: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run once. `feeds` holds every input: contiguous, on the engine's device, in its dtype.
+        The outputs named in `names` (default: all) are written into the tensors of `outputs`
+        where given (right shape, dtype and device) and allocated otherwise; returns them by name."""
+
+    def close(self) -> None:
+        """Release the context's resources (bindings, streams)."""
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Engine(abc.ABC):
-    """One inference graph, ready to run."""
+    """One compiled inference graph, shared by its runners."""
 
     backend: str = "abstract"
+    device: torch.device
 
     @property
     @abc.abstractmethod
@@ -34,11 +72,11 @@ class Engine(abc.ABC):
     def outputs(self) -> list[TensorSpec]: ...
 
     @abc.abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run once; `feeds` must hold every input; returns the requested outputs (all by default)."""
+    def runner(self) -> Runner:
+        """A new execution context."""
 
     def close(self) -> None:
-        """Release the backend's resources (sessions, device memory)."""
+        """Release the compiled graph."""
 
     def __enter__(self) -> Engine:
         return self
@@ -46,15 +84,29 @@ class Engine(abc.ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """One clear error for a missing input, a wrong rank, dtype or fixed dimension."""
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise ValueError(f"missing input {spec.name!r}")
-            arr = feeds[spec.name]
-            if arr.dtype != spec.dtype:
-                raise ValueError(f"input {spec.name!r}: dtype {arr.dtype}, expected {spec.dtype}")
-            if len(arr.shape) != len(spec.shape) or any(
-                isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)
-            ):
-                raise ValueError(f"input {spec.name!r}: shape {list(arr.shape)}, expected {list(spec.shape)}")
+
+class EngineLoader(abc.ABC):
+    """Builds or loads an engine on its first call and returns the same one after."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+
+    @abc.abstractmethod
+    def load(self) -> Engine: ...
+
+    def __call__(self) -> Engine:
+        if self._engine is None:
+            self._engine = self.load()
+        return self._engine
+
+
+def infer_numpy(engine: Engine, feeds: Mapping, names: Sequence[str] | None = None) -> dict:
+    """One run on host numpy arrays, for the edges (split verification, tests, the benchmark's peer
+    methods): copies in and out, so never inside the runtime's loop. Extra feeds are ignored."""
+    import numpy as np
+
+    wanted = {s.name for s in engine.inputs}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(engine.device) for k, v in feeds.items() if k in wanted}
+    with engine.runner() as runner:
+        out = runner.infer(tensors, names=names)
+    return {k: v.cpu().numpy() for k, v in out.items()}

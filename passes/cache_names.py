@@ -1,9 +1,18 @@
-"""Names of the tensors the split adds: the contract between the two graphs and the runtime."""
+"""Names of the tensors the split and the correction add: the contract between the two graphs,
+calibration and the runtime."""
 
 CACHE = "omnicache_cache"
-STEP = "omnicache_step"  # cache graph: int64 [1], the step index its constant tables are gathered by
+STEP = "omnicache_step"  # cache graph: int64 [1], the step index its per-step tables are gathered by
 FULL_PREV = "omnicache_full_prev"  # cache graph: the model outputs of the last two full steps
 FULL_PREV2 = "omnicache_full_prev2"
+
+# The per-step tables of the cache graph, [N, ...], gathered by STEP. Graph inputs of the parametric
+# graph (calibration feeds each candidate's), initializers once FreezeTablesPass has run (the export).
+TREND = "omnicache_cache_trend"  # [N] float32: ρ, the cache trend (ExtrapolateCachePass)
+COEFFICIENTS = "omnicache_coefficients"  # [N]: the correction's factor (EmbedCorrectionPass)
+BLEND = "omnicache_blend"  # [N]: λ, how far the base moves to the last full output
+MASKS = "omnicache_filter_masks"  # [N, h, w]: each step's frequency mask, scaled by 1 / (h w)
+TABLES = (TREND, COEFFICIENTS, BLEND, MASKS)
 
 
 def cache_name(index: int) -> str:
@@ -27,6 +36,11 @@ def stream_type(stream, exit_value) -> tuple:
     return type_, ir.Shape(dims) if stream.shape else None
 
 
+def uncorrected_name(output: str) -> str:
+    """õ, the cache graph's output before the correction (an output of calibration's graph)."""
+    return f"{output}_uncorrected"
+
+
 def prev_cache_name(name: str) -> str:
     """The cache tensor of the full step before the last one (the cache trend's second point)."""
     return f"{name}_prev"
@@ -38,3 +52,12 @@ def widened(dtype):
     import onnx_ir as ir
 
     return {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}.get(dtype, dtype)
+
+
+def add_table_input(graph, name: str, dims: list[int], dtype):
+    """A per-step table as a new graph input (FreezeTablesPass later turns it into a constant)."""
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
+    graph.inputs.append(value)
+    return value

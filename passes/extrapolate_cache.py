@@ -6,59 +6,69 @@ R reads instead
 
     R̂ = R + ρ[step] * (R − R_prev)
 
-with ρ [N] a constant table (`omnicache_cache_trend`, ρ_i = a_i · scale: the time ratio of step i to
-its last two full steps) gathered by `omnicache_step` (int64 [1], shared with the correction pass,
-which runs after this one). TaylorSeer's first-order prediction of the block stack's output, with
-the embedding of the current step kept: R is the stack residual h_L − h_0 (or h_L for direct reuse).
-For 16-bit caches the trend is computed in float32 and cast back.
+with ρ the float32 table input `omnicache_cache_trend` [N] (ρ_i = a_i · scale: the time ratio of
+step i to its last two full steps) gathered by the new input `omnicache_step` (int64 [1], which the
+correction pass shares, so it runs after this one). TaylorSeer's first-order prediction of the block
+stack's output, with the embedding of the current step kept: R is the stack residual h_L − h_0 (or
+h_L for direct reuse). For 16-bit caches the trend is computed in float32 and cast back.
 
 Invariant: where ρ[step] == 0 the graph computes exactly what it did before (R + 0 · d); otherwise
-the output equals the old graph fed R̂ (tested against numpy).
+the output equals the old graph fed R̂ — whether ρ is fed or frozen by FreezeTablesPass.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import operator
+
 import onnx_ir as ir
 
 from omnicache_export.passes.add_cache_output import value_index
-from omnicache_export.passes.cache_names import STEP, prev_cache_name, widened
+from omnicache_export.passes.cache_names import (
+    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_table_input, prev_cache_name, widened,
+)
 
-TREND = "omnicache_cache_trend"
 _FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
+_CORRECTION = (FULL_PREV, FULL_PREV2, COEFFICIENTS, BLEND, MASKS)  # what EmbedCorrectionPass adds
 
 
 class ExtrapolateCachePass(ir.passes.InPlacePass):
-    def __init__(self, cache_names: list[str], trend: np.ndarray):
-        """cache_names: the cache inputs to carry forward; trend [N]: ρ_i, 0 where no trend applies."""
+    def __init__(self, cache_names: list[str], n_steps: int):
+        """cache_names: the cache inputs to carry forward; n_steps: N, the length of the trend table."""
         super().__init__()
         self.cache_names = list(cache_names)
-        self.trend = np.asarray(trend, dtype=np.float64)
+        self.n_steps = operator.index(n_steps)
+
+    def __repr__(self) -> str:
+        return f"ExtrapolateCachePass({self.cache_names}, n_steps={self.n_steps})"
 
     def requires(self, model: ir.Model) -> None:
         fail = ir.passes.PreconditionError
+        if self.n_steps < 1:
+            raise fail(f"the trend table needs N >= 1 steps, got {self.n_steps}")
         inputs = {v.name: v for v in model.graph.inputs}
         missing = [n for n in self.cache_names if n not in inputs]
-        if missing:
-            raise fail(f"the graph has no cache inputs {missing}")
+        if missing or not self.cache_names:
+            raise fail(f"the graph has no cache inputs {missing or self.cache_names}")
         for name in self.cache_names:
             if inputs[name].dtype not in _FLOATS:
                 raise fail(f"cache input {name!r} has dtype {inputs[name].dtype}; a floating-point type is needed")
-        if self.trend.ndim != 1 or self.trend.size < 1 or not np.all(np.isfinite(self.trend)):
-            raise fail(f"trend must be a finite 1-D array with N >= 1 entries, got shape {self.trend.shape}")
         taken = set(value_index(model.graph)) | {v.name for v in model.graph.outputs}
+        corrected = [n for n in _CORRECTION if n in taken]
+        if corrected:
+            raise fail(
+                f"ExtrapolateCachePass must run before EmbedCorrectionPass (which shares its {STEP!r}): "
+                f"the graph already has the correction's tensors {corrected}"
+            )
         clash = sorted(taken & {STEP, TREND, *map(prev_cache_name, self.cache_names)})
         if clash:
-            raise fail(f"the graph already has tensors named {clash}")
+            raise fail(f"the graph already has tensors named {clash} (ExtrapolateCachePass runs once)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
         step = ir.Value(name=STEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.append(step)
-        table = ir.Value(name=TREND, shape=ir.Shape(self.trend.shape), type=ir.TensorType(ir.DataType.FLOAT))
-        table.const_value = ir.tensor(self.trend.astype(np.float32), name=TREND)
-        graph.register_initializer(table)
+        table = add_table_input(graph, TREND, [self.n_steps], ir.DataType.FLOAT)
         nodes: list[ir.Node] = []
 
         def op(op_type, *args, **attributes) -> ir.Value:
@@ -84,7 +94,7 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
             hat.name = f"{name}_extrapolated"
             for use in readers:
                 use.node.replace_input_with(use.idx, hat)
-        if len(graph):  # first: the new nodes read only graph inputs and constants
+        if len(graph):  # first: the new nodes read only graph inputs
             graph.insert_before(next(iter(graph)), nodes)
         else:
             graph.extend(nodes)
@@ -92,6 +102,6 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
 
     def ensures(self, model: ir.Model) -> None:
         inputs = {v.name for v in model.graph.inputs}
-        for name in [STEP, *map(prev_cache_name, self.cache_names)]:
+        for name in [STEP, TREND, *map(prev_cache_name, self.cache_names)]:
             if name not in inputs:
                 raise ir.passes.PostconditionError(f"input {name!r} missing")

@@ -100,17 +100,3 @@ def infer_static_shapes(model: ir.Model, input_shapes: dict[str, Shape]) -> dict
         logger.info("ONNX Runtime symbolic shape inference failed: %r", exc)
     return result
 
-
-def probe_shapes(model: ir.Model, feeds: dict, names: list[str]) -> dict[str, Shape]:
-    """Shapes of `names` measured by one ONNX Runtime run (for small models shape inference failed on)."""
-    import onnxruntime as ort
-
-    proto = ir.serde.serialize_model(model)
-    known = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in known:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    wanted = {i.name: feeds[i.name] for i in session.get_inputs()}
-    outputs = session.run(names, wanted)
-    return {name: tuple(out.shape) for name, out in zip(names, outputs) if hasattr(out, "shape")}

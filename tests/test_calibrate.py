@@ -9,39 +9,70 @@ from __future__ import annotations
 
 import numpy as np
 
-from omnicache_export.calibration.calibrate import CalibrationPlan, calibrate, extrapolation_ratios, psnr
-from omnicache_export.runtime.sampler import SamplingSpec, scheduler_config
+import onnx
+from onnx import TensorProto, helper
+
+from omnicache_export.calibration.calibrate import CalibrationSet, calibrate, pair_estimate, psnr, reference_run
+from omnicache_export.calibration.correction import Correction
+from omnicache_export.calibration.schedule_corrected import corrected_errors
+from omnicache_export.calibration.candidates import CalibrationPlan
+from omnicache_export.calibration.correction import extrapolation_ratios
+from omnicache_export.calibration.schedule import ScheduleFamily
+from omnicache_export.io_spec import IOSpec
+from omnicache_export.pipeline.job import UNCORRECTED, calibration_graphs
+from omnicache_export.runtime.sampler import SamplingSpec, scheduler_config, timesteps_of
 
 H = W = 8
 
 
-def smooth_denoiser():
+def smooth_denoiser(folder, curvature: float = 0.05):
+    """full.onnx: o = a + b t' + 0.05 t'^2 (t' = t / 1000) for every sample, and the cache tensor
+    `omnicache_cache` = o; the uncorrected cache graph returns the cache it is fed."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 1, 4, H, W)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, H, W])
+    t = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"])
+    o = helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", 4, H, W])
+    cache = helper.make_tensor_value_info("omnicache_cache", TensorProto.FLOAT, ["batch", 4, H, W])
+    consts = [onnx.numpy_helper.from_array(v, n) for n, v in (
+        ("a", a), ("b", b), ("k", np.float32(0.001)), ("q", np.float32(curvature)), ("zero", np.float32(0.0)),
+        ("shape", np.array([-1, 1, 1, 1], np.int64)))]
+    nodes = [
+        helper.make_node("Mul", ["t", "k"], ["ts"]), helper.make_node("Reshape", ["ts", "shape"], ["tr"]),
+        helper.make_node("Mul", ["b", "tr"], ["bt"]), helper.make_node("Mul", ["tr", "tr"], ["t2"]),
+        helper.make_node("Mul", ["q", "t2"], ["qt2"]), helper.make_node("Add", ["a", "bt"], ["s1"]),
+        helper.make_node("Add", ["s1", "qt2"], ["s2"]), helper.make_node("Mul", ["x", "zero"], ["x0"]),
+        helper.make_node("Add", ["s2", "x0"], ["o"]), helper.make_node("Identity", ["o"], ["omnicache_cache"]),
+    ]
+    full = helper.make_model(helper.make_graph(nodes, "full", [x, t], [o, cache], consts),
+                             opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    cut = helper.make_model(helper.make_graph([helper.make_node("Identity", ["omnicache_cache"], ["o"])], "cache",
+                                              [x, t, cache], [o]),
+                            opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(full, folder / "full.onnx")
+    onnx.save(cut, folder / UNCORRECTED)
+    return [IOSpec("x", "FLOAT", ["batch", 4, H, W], "latent"), IOSpec("t", "FLOAT", ["batch"], "timestep")]
 
-    def out(feeds):
-        t = feeds["t"].astype(np.float32)[:, None, None, None] / 1000.0
-        n = feeds["x"].shape[0]
-        return np.broadcast_to(a + b * t + 0.05 * t**2, (n, 4, H, W)).astype(np.float32)
 
-    def full_fn(feeds):
-        o = out(feeds)
-        return o, {"omnicache_cache": o}
-
-    def cache_fn(feeds, caches):
-        return caches["omnicache_cache"]
-
-    return full_fn, cache_fn
+def denoiser_graphs(folder, n_steps: int, curvature: float = 0.05):
+    io = smooth_denoiser(folder, curvature)
+    spec = SamplingSpec(scheduler_config("ddim"), n_steps, "x", "t", "o", [4, H, W], timestep_dtype="float32")
+    return spec, calibration_graphs(folder, io, spec, ["omnicache_cache"], (H, W))
 
 
-def test_calibration_picks_and_refines_correction():
-    spec = SamplingSpec(scheduler_config("ddim"), 12, "x", "t", "o", [4, H, W], timestep_dtype="float32")
-    full_fn, cache_fn = smooth_denoiser()
-    plan = CalibrationPlan(n_cached=6)
-    result = calibrate(spec, full_fn, cache_fn, {}, {}, 2, 0, plan, (H, W), progress=False)
+def run_calibration(folder, n_steps: int, n_samples: int, plan: CalibrationPlan):
+    spec, graphs = denoiser_graphs(folder, n_steps)
+    try:
+        return calibrate(graphs, CalibrationSet(spec, {}, {}, 0, set(), n_samples), plan, (H, W), progress=False)
+    finally:
+        graphs.close()
+
+
+def test_calibration_picks_and_refines_correction(tmp_path):
+    result = run_calibration(tmp_path, 12, 2, CalibrationPlan(n_cached=6))
     names = [c.correction.name for c in result.candidates]
     assert "none" in names and "gamma=1" in names and "cache trend, mix 0.5" in names
-    dp = [c.schedule.name for c in result.candidates if c.schedule.name.startswith("corrected-error-dp")]
+    dp = [c.schedule.name for c in result.candidates if c.schedule.family == ScheduleFamily.CORRECTED_ERROR_DP]
     assert any(n.endswith("[gamma=1]") for n in dp) and any(n.endswith("[cache trend, mix 0.5]") for n in dp)
     # the best predictor at γ = 1 is refined on its schedule: γ line search and filters
     assert any("gamma=1.1" in n for n in names) and any("+ filter" in n for n in names)
@@ -59,7 +90,7 @@ def test_calibration_picks_and_refines_correction():
         assert c.schedule.full[0] and c.schedule.max_run <= 2 and c.schedule.n_cached == 6
         assert c.schedule.full[-1] or "last step cacheable" in c.schedule.name
     assert {c.schedule.full[-1] for c in result.candidates} == {True, False}  # both policies were tried
-    dp = {c.schedule.name for c in result.candidates if c.schedule.name.startswith("corrected-error-dp")}
+    dp = {c.schedule.name for c in result.candidates if c.schedule.family == ScheduleFamily.CORRECTED_ERROR_DP}
     assert dp and all("p=" in name for name in dp)
     assert np.all(psnr(result.reference, result.reference) > 150)  # identical: capped, finite
 
@@ -73,27 +104,37 @@ def test_extrapolation_ratios_follow_time():
     assert extrapolation_ratios(np.array([True, False, True]), np.array([3.0, 2.0, 1.0]))[1] == 0
 
 
-def test_candidates_can_be_restricted_for_ablations():
-    spec = SamplingSpec(scheduler_config("ddim"), 9, "x", "t", "o", [4, H, W], timestep_dtype="float32")
-    full_fn, cache_fn = smooth_denoiser()
-    only_none = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0, CalibrationPlan(4, correction="none"), (H, W), False)
+def test_candidates_can_be_restricted_for_ablations(tmp_path):
+    only_none = run_calibration(tmp_path, 9, 1, CalibrationPlan(4, correction="none"))
     assert {c.correction.name for c in only_none.candidates} == {"none"}
-    gammas = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0,
-                       CalibrationPlan(4, correction="gamma", schedules=("alternation",)), (H, W), False)
+    gammas = run_calibration(tmp_path, 9, 1, CalibrationPlan(4, correction="gamma", schedules=("alternation",)))
     assert {c.schedule.name for c in gammas.candidates} <= {"alternation", "alternation (last step cacheable)"}
     names = {c.correction.name for c in gammas.candidates}
     assert "gamma=1" in names and "gamma=0.9" in names and not any("filter" in n for n in names)
 
 
-def test_last_step_policy_can_be_forced():
-    spec = SamplingSpec(scheduler_config("ddim"), 9, "x", "t", "o", [4, H, W], timestep_dtype="float32")
-    full_fn, cache_fn = smooth_denoiser()
+def test_last_step_policy_can_be_forced(tmp_path):
     for last in (False, True):
-        plan = CalibrationPlan(4, allow_last_cached=last, correction="gamma1")
-        result = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0, plan, (H, W), False)
+        result = run_calibration(tmp_path, 9, 1, CalibrationPlan(4, allow_last_cached=last, correction="gamma1"))
         last_full = {bool(c.schedule.full[-1]) for c in result.candidates}
         assert last_full == ({True, False} if last else {True})
         assert not any("last step cacheable" in c.schedule.name for c in result.candidates)
     # 6 of 9 cached only fits with the last step cached: auto builds those candidates alone
-    result = calibrate(spec, full_fn, cache_fn, {}, {}, 1, 0, CalibrationPlan(6, correction="gamma1"), (H, W), False)
+    result = run_calibration(tmp_path, 9, 1, CalibrationPlan(6, correction="gamma1"))
     assert all(not c.schedule.full[-1] for c in result.candidates)
+
+
+def test_corrected_errors_vanish_for_linear_outputs(tmp_path):
+    """The DP's pair errors come from the real cache graph fed from the reference run's records."""
+    spec, graphs = denoiser_graphs(tmp_path, 9, curvature=0.0)
+    try:
+        data = CalibrationSet(spec, {}, {}, 0, set(), 1)
+        ref = reference_run(graphs, data, progress=False)
+        t = timesteps_of(spec)
+        estimate = pair_estimate(Correction.gamma(1.0, 9, "gamma=1"), ref.records, graphs.plain, t)
+        cost = corrected_errors([r[1].numpy() for r in ref.records], estimate)
+        scale = float(np.mean(ref.records[4][1].numpy() ** 2))
+        assert cost(4, 3, 2) <= 1e-10 * scale  # linear in t: the γ = 1 extrapolation is exact
+        assert cost(4, 3, -1) > 1e-6 * scale  # no trend yet: the stale output's error remains
+    finally:
+        graphs.close()

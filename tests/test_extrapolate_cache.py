@@ -1,5 +1,6 @@
 """The cache trend in the graph: ρ = 0 keeps the cache graph's numbers; otherwise the graph equals the
-old one fed R̂ = R + ρ (R − R_prev); it shares `omnicache_step` with the correction pass."""
+old one fed R̂ = R + ρ (R − R_prev), whether ρ is fed or frozen; it shares `omnicache_step` with the
+correction pass, which runs after it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import onnx_ir as ir
 import pytest
 
 from conftest import max_rel_err, run_ort
-from omnicache_export.passes.cache_names import prev_cache_name
-from omnicache_export.passes.embed_correction import FULL_PREV, FULL_PREV2, EmbedCorrectionPass
-from omnicache_export.passes.extrapolate_cache import STEP, ExtrapolateCachePass
+from omnicache_export.graph.embed import build_cache_graph, freeze_cache_graph
+from omnicache_export.passes.cache_names import BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, STEP, TREND, prev_cache_name
+from omnicache_export.passes.extrapolate_cache import ExtrapolateCachePass
+from omnicache_export.passes.freeze_tables import FreezeTablesPass
 
 FAMILY_CASES = ["dit", "latte", "flux"]  # image, video, packed latents with a text stream
 
@@ -29,26 +31,37 @@ def split_case(zoo_step):
     return get
 
 
-def extrapolated(cache_path, dst, names, trend, coefficients=None, blend=None):
+def save(model: ir.Model, path):
+    ir.save(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def extrapolated(cache_path, tmp_path, names, trend):
+    """(parametric, frozen): the trend pass alone, ρ a table input, then frozen to `trend`."""
     model = ir.load(cache_path)
-    ExtrapolateCachePass(names, trend)(model)
-    if coefficients is not None:
-        EmbedCorrectionPass("out_sample", coefficients, None, blend)(model)
-    ir.save(model, dst)
-    onnx.checker.check_model(str(dst), full_check=True)
-    return dst
+    ExtrapolateCachePass(names, len(trend))(model)
+    parametric = save(model, tmp_path / "parametric.onnx")
+    FreezeTablesPass({TREND: trend})(model)
+    return parametric, save(model, tmp_path / "frozen.onnx")
+
+
+def at(step: int) -> dict:
+    return {STEP: np.array([step], np.int64)}
 
 
 @pytest.mark.parametrize("family", FAMILY_CASES)
 def test_trend_matches_feeding_the_extrapolated_cache(family, split_case, tmp_path):
     cache, feeds, names, prev = split_case(family)
     trend = np.array([0.0, 0.5, -1.0, 2.0], np.float32)
-    path = extrapolated(cache, tmp_path / "t.onnx", names, trend)
+    parametric, frozen = extrapolated(cache, tmp_path, names, trend)
     plain = run_ort(cache, feeds)["out_sample"]
     for step in range(4):
-        out = run_ort(path, {**feeds, **prev, STEP: np.array([step], np.int64)})["out_sample"]
+        out = run_ort(frozen, {**feeds, **prev, **at(step)})["out_sample"]
+        fed = run_ort(parametric, {**feeds, **prev, TREND: trend, **at(step)})["out_sample"]
+        assert max_rel_err(out, fed) <= 1e-6, step
         if trend[step] == 0:
-            assert np.array_equal(out, plain)  # R + 0
+            assert np.array_equal(out, plain) and np.array_equal(fed, plain)  # R + 0
             continue
         hat = {k: feeds[k] + trend[step] * (feeds[k] - prev[prev_cache_name(k)]) for k in names}
         expected = run_ort(cache, {**feeds, **hat})["out_sample"]
@@ -58,19 +71,21 @@ def test_trend_matches_feeding_the_extrapolated_cache(family, split_case, tmp_pa
 
 def test_layout_and_shared_step_with_the_correction(split_case, tmp_path):
     cache, feeds, names, prev = split_case("dit")
-    trend = np.array([0.0, 1.0, 0.5], np.float32)
-    coefficients = np.array([0.0, 0.5, 0.25], np.float32)
-    blend = np.array([0.0, 0.5, 0.5], np.float32)
-    path = extrapolated(cache, tmp_path / "tc.onnx", names, trend, coefficients, blend)
+    tables = {TREND: np.array([0.0, 1.0, 0.5], np.float32), COEFFICIENTS: np.array([0.0, 0.5, 0.25], np.float32),
+              BLEND: np.array([0.0, 0.5, 0.5], np.float32)}
+    model = build_cache_graph(ir.load(cache), "out_sample", names, 3, trend=True, blend=True, filter_hw=None)
+    path = save(freeze_cache_graph(model, tables), tmp_path / "tc.onnx")
     graph = ir.load(path).graph
-    inputs = [v.name for v in graph.inputs]
-    assert inputs.count(STEP) == 1 and all(prev_cache_name(k) in inputs for k in names)
+    before = [v.name for v in ir.load(cache).graph.inputs]
+    # The runtime's graph: as today's, the step and the previous caches first, then the last full outputs.
+    assert [v.name for v in graph.inputs] == before + [STEP, *map(prev_cache_name, names), FULL_PREV, FULL_PREV2]
+    assert graph.initializers[TREND].dtype == ir.DataType.FLOAT
     added = {n.op_type for n in graph if n.name.startswith("omnicache/cache_trend")}
     assert added <= {"Gather", "Sub", "Mul", "Add", "Cast"}
     rng = np.random.default_rng(0)
     shape = run_ort(cache, feeds)["out_sample"].shape
     hist = {FULL_PREV: rng.standard_normal(shape).astype(np.float32), FULL_PREV2: rng.standard_normal(shape).astype(np.float32)}
-    out = run_ort(path, {**feeds, **prev, **hist, STEP: np.array([1], np.int64)})["out_sample"]
+    out = run_ort(path, {**feeds, **prev, **hist, **at(1)})["out_sample"]
     hat = {k: feeds[k] + (feeds[k] - prev[prev_cache_name(k)]) for k in names}
     tilde = run_ort(cache, {**feeds, **hat})["out_sample"]
     expected = tilde + 0.5 * (hist[FULL_PREV] - tilde) + 0.5 * (hist[FULL_PREV] - hist[FULL_PREV2])
@@ -79,14 +94,19 @@ def test_layout_and_shared_step_with_the_correction(split_case, tmp_path):
 
 def test_requires_rejects_bad_arguments(split_case):
     cache, _, names, _ = split_case("dit")
-    with pytest.raises(ir.passes.PreconditionError, match="no cache inputs"):
-        ExtrapolateCachePass(["nope"], np.zeros(3))(ir.load(cache))
-    with pytest.raises(ir.passes.PreconditionError, match="finite 1-D"):
-        ExtrapolateCachePass(names, np.array([0.0, np.nan]))(ir.load(cache))
+    fails = ir.passes.PreconditionError
+    with pytest.raises(fails, match="no cache inputs"):
+        ExtrapolateCachePass(["nope"], 3)(ir.load(cache))
+    with pytest.raises(fails, match="N >= 1"):
+        ExtrapolateCachePass(names, 0)(ir.load(cache))
+    with pytest.raises(TypeError):
+        ExtrapolateCachePass(names, 2.5)
     model = ir.load(cache)
-    ExtrapolateCachePass(names, np.zeros(3))(model)
-    with pytest.raises(ir.passes.PreconditionError, match="already has tensors"):
-        ExtrapolateCachePass(names, np.zeros(3))(model)
+    ExtrapolateCachePass(names, 3)(model)
+    with pytest.raises(fails, match="already has tensors"):
+        ExtrapolateCachePass(names, 3)(model)
+    with pytest.raises(fails, match="not finite"):
+        FreezeTablesPass({TREND: np.array([0.0, np.nan, 1.0])})(model)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -102,11 +122,14 @@ def test_dtypes(dtype, tmp_path):
         [numpy_helper.from_array(np.array(2, dtype), "two")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), tmp_path / "h.onnx")
-    path = extrapolated(tmp_path / "h.onnx", tmp_path / "t.onnx", ["omnicache_cache"], np.array([0.0, 0.75]))
+    trend = np.array([0.0, 0.75], np.float32)
+    parametric, frozen = extrapolated(tmp_path / "h.onnx", tmp_path, ["omnicache_cache"], trend)
     rng = np.random.default_rng(1)
     r, r_prev = rng.standard_normal((2, 2, 3)).astype(dtype)
-    out = run_ort(path, {"omnicache_cache": r, "omnicache_cache_prev": r_prev, STEP: np.array([1], np.int64)})["out_sample"]
+    feeds = {"omnicache_cache": r, "omnicache_cache_prev": r_prev, **at(1)}
+    out = run_ort(frozen, feeds)["out_sample"]
     assert out.dtype == dtype
     expected = 2 * (r.astype(np.float64) + 0.75 * (r.astype(np.float64) - r_prev))
     tol = 2e-3 if dtype == np.float16 else 1e-6
     assert max_rel_err(out.astype(np.float64), expected) <= tol
+    np.testing.assert_array_equal(run_ort(parametric, {**feeds, TREND: trend})["out_sample"], out)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import max_rel_err
-from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
+from omnicache_export.engines import load_engine
+from omnicache_export.engines.base import infer_numpy
 from omnicache_export.runtime.sampler import SamplingSpec, make_scheduler, sample, scheduler_config
 from omnicache_export.zoo.families import FAMILIES
 
@@ -19,8 +20,8 @@ def torch_loop(family, config, steps, cond, uncond, guidance, seed, learned_sigm
     model = family.build(0)
     sch = make_scheduler(config)
     sch.set_timesteps(steps)
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(rng.standard_normal((1, *latent_shape)).astype(np.float32)) * float(
+    noise = np.random.default_rng([seed, 0]).standard_normal(latent_shape, dtype=np.float32)  # row 0's
+    x = torch.from_numpy(noise[None]) * float(
         getattr(sch, "init_noise_sigma", 1.0)
     )
     names = family.input_names
@@ -60,10 +61,11 @@ def test_onnx_sampler_matches_diffusers_loop(family, scheduler, guidance, zoo_ex
     config = scheduler_config(scheduler)
     spec = SamplingSpec(config, 6, "hidden_states", "timestep", fam.output_name, latent_shape,
                         timestep_dtype=str(feeds["timestep"].dtype), guidance_scale=guidance)
-    with OnnxRuntimeEngine(zoo_export(family, "torchscript")) as engine:
-        learned_sigma = engine.run(feeds)[fam.output_name].shape[1] == 2 * latent_shape[0]
+    with load_engine("onnxruntime", zoo_export(family, "torchscript")) as engine:
+        learned_sigma = infer_numpy(engine, feeds)[fam.output_name].shape[1] == 2 * latent_shape[0]
         spec.learned_sigma = learned_sigma
-        ours, traj = sample(spec, lambda i, f: engine.run(f)[fam.output_name], cond, uncond, 1, seed=5, record=True)
+        ours, traj = sample(spec, lambda i, f: infer_numpy(engine, f)[fam.output_name], cond, uncond, 1, seed=5,
+                            record=True)
     ref = torch_loop(fam, config, 6, cond, uncond, guidance, 5, learned_sigma, latent_shape)
     assert traj.shape == (1, 7, *latent_shape)
     assert max_rel_err(ours, ref) <= 1e-3

@@ -197,7 +197,7 @@ def run_omnicache(folder: Path, cond, uncond, n: int) -> tuple[np.ndarray, float
     rt = OmniCache.load(folder)
     try:
         t0 = time.perf_counter()
-        final = rt.sample(cond, uncond, n, EVAL_SEED)
+        final = rt.sample(cond, uncond, EVAL_SEED, rows=range(n))
         wall = time.perf_counter() - t0
     finally:
         rt.close()
@@ -209,9 +209,9 @@ def no_cache_onnx(folder: Path, cond, uncond, n: int) -> tuple[np.ndarray, float
 
     rt = OmniCache.load(folder)
     try:
-        rt.sample(cond, uncond, n, EVAL_SEED, no_cache=True)
+        rt.sample(cond, uncond, EVAL_SEED, rows=range(n), no_cache=True)
         t0 = time.perf_counter()
-        final = rt.sample(cond, uncond, n, EVAL_SEED, no_cache=True)
+        final = rt.sample(cond, uncond, EVAL_SEED, rows=range(n), no_cache=True)
         wall = time.perf_counter() - t0
     finally:
         rt.close()
@@ -783,8 +783,8 @@ def weights_digest(name: str, weights_dir: Path | None) -> str:
 
 def set_threads(n: int):
     """The same thread count for torch and for every ONNX Runtime session this process opens (the
-    runtime's engines take a `threads` argument that `OmniCache.load` does not pass on). Returns a
-    function that undoes it."""
+    runtime's engine loaders take a `threads` setting; this sets the default of every loader, also the
+    ones calibration opens). Returns a function that undoes it."""
     import torch
 
     from omnicache_export.engines import onnxruntime as ort_engine
@@ -792,11 +792,11 @@ def set_threads(n: int):
     old_torch, old_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)  # the cache-dit worker's torch
-    cls = ort_engine.OnnxRuntimeEngine
+    cls = ort_engine.OnnxRuntimeLoader
     init = cls.__init__
 
     def __init__(self, path, device="cpu", threads=None, **kw):
-        init(self, path, device, threads or n, **kw)
+        init(self, path, device, threads=threads or n, **kw)
 
     cls.__init__ = __init__
 

@@ -11,6 +11,7 @@ the reused cache, in steps). Dynamic programming over (step, run length, count) 
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
@@ -18,6 +19,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 __all__ = [
+    "ScheduleFamily",
     "CostFn",
     "Schedule",
     "per_step_cost",
@@ -30,6 +32,17 @@ __all__ = [
     "speedup_of",
     "schedule_cost",
 ]
+
+class ScheduleFamily(str, enum.Enum):
+    """How a schedule was made (its `name` is for display only)."""
+
+    CURVATURE_DP = "curvature-dp"  # the seed's DP on trajectory curvature
+    STALENESS_DP = "staleness-dp"  # the DP with the curvature accumulated since the last full step
+    ALTERNATION = "alternation"
+    CORRECTED_ERROR_DP = "corrected-error-dp"  # the DP on measured corrected errors (ours)
+    NO_CACHE = "no-cache"
+    GIVEN = "given"  # from a pattern or elsewhere
+
 
 CostFn = Callable[[int, int], float]
 """cost(i, run): cost of caching step i as the run-th consecutive cached step (run >= 1)."""
@@ -73,6 +86,7 @@ class Schedule:
     full: np.ndarray  # bool [N]
     total_cost: float = float("nan")  # objective value; NaN when no cost was given
     name: str = ""
+    family: ScheduleFamily = ScheduleFamily.GIVEN
     predictor: str = ""  # the correction a correction-aware DP planned it for ("": any)
     _reuse: np.ndarray = field(init=False, repr=False)
 

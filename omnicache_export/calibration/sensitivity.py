@@ -24,23 +24,27 @@ from omnicache_export.runtime.sampler import Denoiser, SamplingSpec
 PROBE = 1e-2  # relative to the prediction's RMS: small enough to stay linear, big enough for float32
 
 
-def frozen_output_gains(spec: SamplingSpec, predictions: list[np.ndarray], x0: np.ndarray) -> np.ndarray:
+def frozen_output_gains(spec: SamplingSpec, predictions: list, x0) -> np.ndarray:
     """g_i = RMS(Δ final latent) / δ for a uniform perturbation δ of the prediction at step i.
 
     `predictions`: the guided prediction of every step for one generation (from the reference run),
-    `x0`: its initial latent."""
+    `x0`: its initial latent (torch tensors or arrays)."""
+    import torch
+
+    predictions = [torch.as_tensor(p, dtype=torch.float32) for p in predictions]
+    x0 = torch.as_tensor(x0, dtype=torch.float32)
     n = spec.n_steps
-    scale = max(float(np.sqrt(np.mean([np.mean(p.astype(np.float64) ** 2) for p in predictions]))), 1e-6)
-    delta = np.float32(PROBE * scale)
+    scale = max(float(np.sqrt(np.mean([float((p.double() ** 2).mean()) for p in predictions]))), 1e-6)
+    delta = float(np.float32(PROBE * scale))
 
     def replay(at: int) -> np.ndarray:
         den, x = Denoiser(spec), x0
         for k in range(n):
             x = den.step(k, predictions[k] + delta if k == at else predictions[k], x)
-        return x.astype(np.float64)
+        return x.double().numpy()
 
     base = replay(-1)
-    return np.array([np.sqrt(np.mean((replay(i) - base) ** 2)) / float(delta) for i in range(n)])
+    return np.array([np.sqrt(np.mean((replay(i) - base) ** 2)) / delta for i in range(n)])
 
 
 def step_sizes(timesteps: np.ndarray) -> np.ndarray:

@@ -95,7 +95,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--cache-ratio {args.cache_ratio}: must be in [0, 1)")
     if args.speedup is not None and args.speedup < 1:
         raise UserError(f"--speedup {args.speedup}: must be at least 1")
-    families = ("curvature-dp", "staleness-dp", "alternation", "corrected-error-dp")
+    from omnicache_export.calibration.schedule import ScheduleFamily
+
+    families = [f.value for f in ScheduleFamily if f not in (ScheduleFamily.NO_CACHE, ScheduleFamily.GIVEN)]
     unknown = set(args.schedules.split(",")) - set(families) if args.schedules else set()
     if unknown:
         raise UserError(f"--schedules: unknown {', '.join(sorted(unknown))} (choose from {', '.join(families)})")
@@ -144,43 +146,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from omnicache_export.runtime.conditioning import batched_inputs, load_conditioning
-    from omnicache_export.io_spec import IOSpec
     from omnicache_export.runtime.omnicache import OmniCache
+    from omnicache_export.runtime.sampler import Denoiser
 
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} already exists (pass --force to replace it)")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     rt = OmniCache.load(args.folder)
     try:
-        io = [IOSpec(**s) for s in rt.manifest["io"]["inputs"]]
+        io = rt.manifest.model_io.inputs
         cond = load_conditioning(args.inputs, io, rt.spec.cfg)
-        batched = batched_inputs(io)
-        from omnicache_export.runtime.sampler import Denoiser
-
         Denoiser(rt.spec)  # imports diffusers and builds the scheduler once: wall_s is the loop alone
-        latents = []
-        full = cached = 0
         t0 = time.perf_counter()
-        from tqdm.auto import tqdm
-
-        size = rt.spec.chunk or 1  # a static-batch export runs a whole batch: pad with copies
-        for k in tqdm(range(cond.n_samples), desc="sampling", disable=args.quiet or cond.n_samples < 2):
-            c, u = cond.take(k, k + 1, batched)
-            c, u = ({n: np.repeat(v, size, axis=0) if n in batched else v for n, v in d.items()} for d in (c, u))
-            x0 = np.repeat(Denoiser(rt.spec).initial_latents(1, args.seed + k), size, axis=0)
-            gen = rt.generation(c, u, size, args.seed + k, no_cache=args.no_cache, x0=x0)
-            while not gen.done:
-                gen.step()
-            latents.append(gen.x[:1])
-            full += gen.full_steps
-            cached += gen.cached_steps
+        run = rt.run(cond.cond, cond.uncond, args.seed, batched=batched_inputs(io), batch_size=args.batch_size,
+                     no_cache=args.no_cache)
         wall = time.perf_counter() - t0
     finally:
         rt.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
-    np.savez(tmp, latent=np.concatenate(latents, axis=0))
+    np.savez(tmp, latent=run.final)
     tmp.replace(args.out)
-    print(json.dumps({"wall_s": round(wall, 4), "full_steps": full, "cached_steps": cached}))
+    print(json.dumps({"wall_s": round(wall, 4), "full_steps": run.full_steps, "cached_steps": run.cached_steps}))
     return 0
 
 
@@ -255,10 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="an export's output folder")
     p.add_argument("--inputs", type=Path, required=True, metavar="FILE.npz", help="conditioning, as for --calib")
     p.add_argument("--out", type=Path, required=True, metavar="RESULT.npz", help="final latents under key 'latent'")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the first sample (then seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (>= 0): row r starts from the noise of (seed, r)")
     p.add_argument("--no-cache", action="store_true", help="full model at every step (the reference)")
     p.add_argument("--force", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per generation (default: all rows; the export's static batch where it fixed one). "
+                        "Row r's noise comes from (seed, r) whatever the batching")
     p.set_defaults(func=_cmd_run)
 
     p = verbs.add_parser("inspect", help="input roles and the located transformer block stack")

@@ -14,7 +14,8 @@ from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.locate_blocks import BlockRegion, BlockStackNotFound, locate_block_stack
 from omnicache_export.graph.synthetic import synthesize
 from omnicache_export.graph.modelio import weight_bytes
-from omnicache_export.passes.static_shapes import bind_input_dims, infer_static_shapes, probe_shapes
+from omnicache_export.passes.static_shapes import bind_input_dims, infer_static_shapes
+from omnicache_export.graph.shape_probe import probe_shapes
 from omnicache_export.graph.roles import guess_roles
 from omnicache_export.io_spec import IOSpec
 

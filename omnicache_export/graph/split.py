@@ -59,17 +59,17 @@ def check_saved(path: Path) -> None:
 def verify(source: Path, full: Path, cache: Path, analysis: ModelAnalysis, seed: int = 0) -> dict:
     """Run source, full and cache on one synthesized input: full must equal the source, cache must
     reproduce it from full's `omnicache_cache`. Returns the max relative errors."""
-    from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
+    from omnicache_export.engines import load_engine
+    from omnicache_export.engines.base import infer_numpy
 
     feeds = synthesize(analysis.io, analysis.shapes_at, seed=seed)
     out_name = analysis.role("output")[0].name
-    with OnnxRuntimeEngine(source) as e:
-        ref = e.run(feeds)[out_name]
-    with OnnxRuntimeEngine(full) as e:
-        full_out = e.run(feeds)
-    with OnnxRuntimeEngine(cache) as e:
-        cache_feeds = {s.name: full_out[s.name] if s.name in full_out else feeds[s.name] for s in e.inputs}
-        cache_out = e.run(cache_feeds)[out_name]
+    with load_engine("onnxruntime", source) as e:
+        ref = infer_numpy(e, feeds)[out_name]
+    with load_engine("onnxruntime", full) as e:
+        full_out = infer_numpy(e, feeds)
+    with load_engine("onnxruntime", cache) as e:
+        cache_out = infer_numpy(e, {**feeds, **full_out}, names=[out_name])[out_name]
     scale = float(np.abs(ref).max()) or 1.0
     return {
         "full_vs_source_max_rel_err": float(np.abs(full_out[out_name] - ref).max() / scale),

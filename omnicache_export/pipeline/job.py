@@ -15,15 +15,21 @@ import onnx_ir as ir
 from omnicache_export.graph import modelio
 from omnicache_export.calibration import schedule as sched
 from omnicache_export.graph.analysis import ModelAnalysis, analyze
-from omnicache_export.calibration.calibrate import CalibrationPlan, calibrate, measure_cost_ratio, psnr
-from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
+from omnicache_export.calibration.calibrate import CalibrationGraphs, CalibrationSet, calibrate, measure_cost_ratio, psnr
+from omnicache_export.calibration.candidates import CalibrationPlan
+from omnicache_export.engines import load_engine
+from omnicache_export.graph.describe import describe_graphs
+from omnicache_export.graph.embed import build_cache_graph, freeze_cache_graph
 from omnicache_export.errors import UserError
+from omnicache_export.io_spec import IOSpec
 from omnicache_export.io_spec import NUMPY_DTYPES
 from omnicache_export.graph.synthetic import synthesize_conditioning
 from omnicache_export.runtime.conditioning import Conditioning, batched_inputs, load_conditioning
-from omnicache_export.runtime.manifest import artifact_entries, write_manifest
+from omnicache_export.pipeline.record import build_manifest
+from omnicache_export.runtime.manifest import Manifest, Speed, Verification, write_manifest
 from omnicache_export.passes.cache_names import cache_name
-from omnicache_export.runtime.sampler import SamplingSpec, batched_feeds, scheduler_config
+from omnicache_export.runtime.dispatch import StepDispatch
+from omnicache_export.runtime.sampler import SamplingSpec, scheduler_config
 from omnicache_export.graph.split import check_saved, write_graphs
 
 logger = logging.getLogger(__name__)
@@ -105,29 +111,6 @@ def filter_hw(analysis: ModelAnalysis, spec: SamplingSpec) -> tuple[int, int] | 
     return int(shape[-2]), int(shape[-1])
 
 
-class _Engines:
-    """Calibration's view of the two graphs: full -> (output, caches); cache -> uncorrected output."""
-
-    def __init__(self, folder: Path, spec: SamplingSpec, n_caches: int):
-        self.full = OnnxRuntimeEngine(folder / "full.onnx", spinning=False)  # as the runtime runs them
-        self.cache = OnnxRuntimeEngine(folder / UNCORRECTED, spinning=False)
-        self.output = spec.output
-        self.caches = [cache_name(i) for i in range(n_caches)]
-        self.full_in = [s.name for s in self.full.inputs]
-        self.cache_in = [s.name for s in self.cache.inputs]
-
-    def full_fn(self, feeds: dict) -> tuple[np.ndarray, dict]:
-        out = self.full.run({k: feeds[k] for k in self.full_in})
-        return out[self.output], {k: out[k] for k in self.caches}
-
-    def cache_fn(self, feeds: dict, caches: dict) -> np.ndarray:
-        return self.cache.run({k: caches[k] if k in caches else feeds[k] for k in self.cache_in})[self.output]
-
-    def close(self) -> None:
-        self.full.close()
-        self.cache.close()
-
-
 def conditioning(model: ir.Model, analysis: ModelAnalysis, opts: ExportOptions, spec: SamplingSpec) -> Conditioning:
     if opts.calib is not None:
         cond = load_conditioning(opts.calib, analysis.io, spec.cfg)
@@ -162,80 +145,43 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
     with modelio.atomic_output_dir(out_dir, force=opts.force) as tmp:
         t0 = time.perf_counter()
         write_graphs(model_path, source, analysis, tmp, cache_name=UNCORRECTED)
-        engines = _Engines(tmp, spec, len(analysis.region.streams))
+        names = [cache_name(i) for i in range(len(analysis.region.streams))]
+        hw = filter_hw(analysis, spec)
+        data = CalibrationSet(spec, calib_cond, calib_uncond, opts.seed, batched, k)
+        graphs = calibration_graphs(tmp, analysis.io, spec, names, hw)
         try:
-            one_cond, one_uncond = cond.take(0, 1, batched)
-            probe = _step_feeds(spec, one_cond, one_uncond, batched)
-            cost_ratio, full_ms, cache_ms = measure_cost_ratio(engines.full_fn, engines.cache_fn, probe)
+            cost_ratio, full_ms, cache_ms = measure_cost_ratio(graphs.plain, data)
             try:
                 n_cached = sched.n_cached_for(
                     opts.steps, cache_ratio=opts.cache_ratio if opts.speedup is None else None,
                     speedup=opts.speedup, cost_ratio=cost_ratio, max_consecutive=opts.max_consecutive,
                     allow_last_cached=opts.allow_last_cached is not False,
                 ) if (opts.cache_ratio is not None or opts.speedup is not None) else _default_cached(opts)
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-            plan = CalibrationPlan(n_cached, opts.max_consecutive, opts.allow_last_cached, opts.filters,
-                                   schedules=opts.schedules, correction=opts.correction)
-            hw = filter_hw(analysis, spec)
-            try:
-                result = calibrate(spec, engines.full_fn, engines.cache_fn, calib_cond, calib_uncond, k, opts.seed,
-                                   plan, hw, progress=opts.progress, batched=batched)
+                plan = CalibrationPlan(n_cached, opts.max_consecutive, opts.allow_last_cached, opts.filters,
+                                       schedules=opts.schedules, correction=opts.correction)
+                result = calibrate(graphs, data, plan, hw, progress=opts.progress)
             except ValueError as exc:  # e.g. no schedule of the requested family fits the constraints
                 raise UserError(str(exc)) from None
         finally:
-            engines.close()
+            graphs.close()
         best = result.best
-        coefficients = best.correction.coefficients(result.ratios)
-        masks = best.correction.masks(spec.n_steps, hw)
-        blends = best.correction.blends(result.ratios)
-        trends = best.correction.trends(result.ratios)
-        _embed(tmp, spec.output, coefficients, masks, blends, trends, len(analysis.region.streams))
-        verification = _verify(tmp, spec, analysis, calib_cond, calib_uncond, k, opts.seed, result, batched)
+        tables = result.tables()
+        cache_io = _write_cache_graph(tmp, analysis, spec, names, tables, hw)
+        full_io = _describe(tmp, "full.onnx", "cache.onnx", analysis.io, names, spec)[0]
+        for name in (CALIB_PLAIN, CALIB_FILTERED, UNCORRECTED):
+            for path in (tmp / name, tmp / f"{name}.data"):
+                path.unlink(missing_ok=True)
+        verification = verify_runtime(tmp, full_io, cache_io, spec, data, result)
         predicted = sched.speedup_of(spec.n_steps, best.schedule.n_cached, cost_ratio)
-        body = {
-            "source": {"path": str(model_path), "sha256": modelio.sha256_file(model_path)},
-            "io": {
-                "inputs": [s.to_json() for s in analysis.io if s.role != "output"],
-                "outputs": [s.to_json() for s in analysis.role("output")],
-                "cache_tensors": [cache_name(i) for i in range(len(analysis.region.streams))],
-                "block_region": analysis.to_json()["block_region"],
-            },
-            "sampling": spec.to_json(),
-            "timesteps": result.timesteps.tolist(),
-            "schedule": {
-                "name": best.schedule.name, "pattern": best.schedule.pattern, "full": best.schedule.full.tolist(),
-                "n_full": best.schedule.n_full, "n_cached": best.schedule.n_cached,
-                "max_consecutive": opts.max_consecutive,
-            },
-            "correction": {
-                "name": best.correction.name,
-                "gammas": _nan_list(best.correction.gammas),
-                "ratios": result.ratios.tolist(),
-                "coefficients": coefficients.tolist(),
-                "blend": blends.tolist(),
-                "cache_trend": trends.tolist(),
-                "filter": dataclasses.asdict(best.correction.filter) | {"name": best.correction.filter.name},
-                "stages": _stages(best.correction.filter, spec.n_steps),
-                "filter_hw": list(hw) if hw else None,
-            },
-            "curvature": {"mean": _nan_list(result.curvature.mean), "std": _nan_list(result.curvature.std)},
-            "calibration": {
-                "n_samples": k, "seed": opts.seed, "synthesized_conditioning": cond.synthesized,
-                "candidates": [c.to_json() | {"chosen": c is best} for c in result.candidates],
-                "quality": {"psnr_db_mean": best.psnr_db, "psnr_db_min": best.psnr_min_db, "rmse": best.rmse},
-                "seconds": round(time.perf_counter() - t0, 2),
-            },
-            "speed": {
-                "cost_ratio": cost_ratio, "full_ms": full_ms, "cache_ms": cache_ms,
-                "predicted_speedup": predicted, "measured_speedup": verification.pop("measured_speedup"),
-            },
-            "verification": verification,
-            "engines": {"onnxruntime": {"full": "full.onnx", "cache": "cache.onnx"}},
-        }
-        body["artifacts"] = artifact_entries(tmp, ["full.onnx", "cache.onnx"])
-        write_manifest(tmp, body)
-        _write_report(tmp, body, result, best, masks, hw, cond.synthesized, model_path.name)
+        manifest = build_manifest(
+            tmp, model_path=model_path, analysis=analysis, spec=spec, result=result, tables=tables,
+            full_io=full_io, cache_io=cache_io, max_consecutive=opts.max_consecutive, n_samples=k, seed=opts.seed,
+            synthesized_conditioning=cond.synthesized, seconds=time.perf_counter() - t0,
+            speed=Speed(cost_ratio, full_ms, cache_ms, predicted, verification.pop("measured_speedup")),
+            verification=Verification(**verification),
+        )
+        write_manifest(tmp, manifest)
+        _write_report(tmp, manifest, result, tables.masks, cond.synthesized)
     return out_dir
 
 
@@ -245,73 +191,90 @@ def _default_cached(opts: ExportOptions) -> int:
                opts.steps // 2)
 
 
-def _step_feeds(spec: SamplingSpec, cond: dict, uncond: dict, batched: set[str]) -> dict:
-    """Feeds of one step for one sample (the static batch's worth where the export fixed it)."""
-    from omnicache_export.runtime.sampler import Denoiser
-
-    den = Denoiser(spec)
-    size = spec.chunk or 1
-    cond = {k: np.repeat(v, size, axis=0) if k in batched else v for k, v in cond.items()}
-    uncond = {k: np.repeat(v, size, axis=0) if k in batched else v for k, v in uncond.items()}
-    return den.feeds(0, den.initial_latents(size, 0), batched_feeds(spec, cond, uncond))
+CALIB_PLAIN = "calibration.cache.onnx"  # tables as inputs, the uncorrected output exposed
+CALIB_FILTERED = "calibration.cache.filtered.onnx"  # ... with the frequency filter
+VERIFY_TOLERANCE = 1e-3  # max |runtime − calibration| / max |calibration| of the final latents
 
 
-def _embed(folder: Path, output: str, coefficients: np.ndarray, masks: np.ndarray | None, blends: np.ndarray,
-           trends: np.ndarray, n_caches: int) -> None:
-    from omnicache_export.passes.embed_correction import EmbedCorrectionPass
-    from omnicache_export.passes.extrapolate_cache import ExtrapolateCachePass
+def _save(model: ir.Model, path: Path) -> None:
+    modelio.save_model(model, path, external=modelio.uses_external_data(model) or None)
+    check_saved(path)
 
-    model = modelio.load_model(folder / UNCORRECTED)
-    if np.any(trends):  # only then does the cache graph take the previous caches
-        ExtrapolateCachePass([cache_name(i) for i in range(n_caches)], trends)(model)
-    EmbedCorrectionPass(output, coefficients, masks, blends)(model)
-    modelio.save_model(model, folder / "cache.onnx", external=modelio.uses_external_data(model) or None)
-    check_saved(folder / "cache.onnx")
+
+def _describe(folder: Path, full: str, cache: str, io: list[IOSpec], names: list[str], spec: SamplingSpec):
+    return describe_graphs(modelio.load_model(folder / full), modelio.load_model(folder / cache), io, names,
+                           spec.output)
+
+
+def calibration_graphs(folder: Path, io: list[IOSpec], spec: SamplingSpec, names: list[str],
+                       hw: tuple[int, int] | None) -> CalibrationGraphs:
+    """From `folder`'s full.onnx and uncorrected cache graph: the full graph and the parametric cache
+    graphs (tables as inputs) behind the runtime's dispatch, the engines loaded as the runtime loads them."""
+
+    def dispatch(cache_file: str, filter_hw) -> StepDispatch:
+        model = build_cache_graph(modelio.load_model(folder / UNCORRECTED), spec.output, names, spec.n_steps,
+                                  trend=True, blend=True, filter_hw=filter_hw, expose_uncorrected=True)
+        _save(model, folder / cache_file)
+        del model
+        full_io, cache_io = _describe(folder, "full.onnx", cache_file, io, names, spec)
+        return StepDispatch(load_engine("onnxruntime", folder / "full.onnx"),
+                            load_engine("onnxruntime", folder / cache_file), full_io, cache_io)
+
+    return CalibrationGraphs(dispatch(CALIB_PLAIN, None),
+                             (lambda: dispatch(CALIB_FILTERED, hw)) if hw is not None else None)
+
+
+def _write_cache_graph(folder: Path, analysis: ModelAnalysis, spec: SamplingSpec, names: list[str], tables,
+                       hw: tuple[int, int] | None):
+    """cache.onnx: the uncorrected cache graph with only the parts the chosen correction uses, its
+    tables frozen into constants. Returns its GraphIO."""
+    model = build_cache_graph(modelio.load_model(folder / UNCORRECTED), spec.output, names, spec.n_steps,
+                              trend=bool(np.any(tables.trend)), blend=bool(np.any(tables.blend)),
+                              filter_hw=hw if tables.has_filter else None)
+    wanted = {k: v for k, v in tables.inputs().items() if k in {val.name for val in model.graph.inputs}}
+    model = freeze_cache_graph(model, wanted)
+    _save(model, folder / "cache.onnx")
     del model
-    for path in (folder / UNCORRECTED, folder / f"{UNCORRECTED}.data"):
-        path.unlink(missing_ok=True)
+    return _describe(folder, "full.onnx", "cache.onnx", analysis.io, names, spec)[1]
 
 
-def _verify(folder: Path, spec, analysis, cond, uncond, k, seed, result, batched) -> dict:
-    """The runtime, with the correction inside the graph, against calibration's numpy correction
-    (same schedule, seeds, conditions) and against sampling without cache; and its speed."""
+def verify_runtime(folder: Path, full_io, cache_io, spec: SamplingSpec, data: CalibrationSet, result) -> dict:
+    """The runtime on the exported graphs (tables frozen) against calibration's run of the chosen
+    candidate (same dispatch, same seeds and conditions, tables fed): they must agree within
+    VERIFY_TOLERANCE, else the export fails. Also its PSNR against sampling without cache, and speed."""
     from omnicache_export.runtime.omnicache import OmniCache
 
     # Artifacts are hashed after this check, so the runtime is built from the parts, not the manifest.
-    names = [cache_name(i) for i in range(len(analysis.region.streams))]
-    rt = OmniCache(folder, spec, result.best.schedule.full, names, {"full": "full.onnx", "cache": "cache.onnx"})
+    rt = OmniCache.from_files(folder / "full.onnx", folder / "cache.onnx", full_io, cache_io, spec,
+                              result.best.schedule.full)
     try:
-        cached = rt.sample(cond, uncond, k, seed, batched=batched)
+        kw = {"batched": data.batched}
+        cached = rt.sample(data.cond, data.uncond, data.seed, **kw)
         t0 = time.perf_counter()
-        rt.sample(cond, uncond, k, seed + 1, batched=batched)
+        rt.sample(data.cond, data.uncond, data.seed + 1, **kw)
         t_cached = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rt.sample(cond, uncond, k, seed + 1, no_cache=True, batched=batched)
+        rt.sample(data.cond, data.uncond, data.seed + 1, no_cache=True, **kw)
         t_full = time.perf_counter() - t0
     finally:
         rt.close()
     scale = float(np.abs(result.best.final).max()) or 1.0
+    err = float(np.abs(cached - result.best.final).max() / scale)
+    if not np.isfinite(err) or err > VERIFY_TOLERANCE:
+        raise UserError(f"verification failed: the exported graphs' samples differ from calibration's by {err:.3g} "
+                        f"(relative, tolerance {VERIFY_TOLERANCE:g}); please report this with the model")
     return {
-        "runtime_vs_calibration_max_rel_err": float(np.abs(cached - result.best.final).max() / scale),
+        "runtime_vs_calibration_max_rel_err": err,
+        "tolerance": VERIFY_TOLERANCE,
         "runtime_psnr_db_vs_no_cache": float(psnr(cached, result.reference).mean()),
         "measured_speedup": t_full / t_cached if t_cached > 0 else None,
     }
 
 
-def _nan_list(a: np.ndarray) -> list:
-    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, float)]
-
-
-def _stages(filt, n: int) -> list[str]:
-    if filt.is_all_pass:
-        return ["all"] * n
-    return [("low" if filt.low_rho is not None else "all") if filt.stage_of(i) == 0
-            else ("high" if filt.high_rho is not None else "all") for i in range(n)]
-
-
-def _write_report(folder: Path, body: dict, result, best, masks, hw, synthesized: bool, model_name: str) -> None:
+def _write_report(folder: Path, manifest: Manifest, result, masks, synthesized: bool) -> None:
     from omnicache_export.report.page import ReportData, write_report
 
+    best, hw = result.best, result.filter_hw
     notes = []
     if synthesized:
         notes.append("conditioning synthesized from the input shapes (no --calib given): give real conditioning for a schedule that fits your prompts")
@@ -319,8 +282,9 @@ def _write_report(folder: Path, body: dict, result, best, masks, hw, synthesized
     if masks is not None and hw is not None:
         early, late = best.correction.filter.stage_masks(*hw)
         filter_masks = {"early stage": early, "late stage": late}
+    corr = manifest.correction
     data = ReportData(
-        model_name=model_name,
+        model_name=manifest.source.name,
         n_steps=len(result.timesteps),
         timesteps=result.timesteps,
         schedule_full=best.schedule.full,
@@ -329,14 +293,15 @@ def _write_report(folder: Path, body: dict, result, best, masks, hw, synthesized
         projections=result.curvature.projections,
         curvature_mean=result.curvature.mean,
         curvature_std=result.curvature.std,
-        coefficients=np.array(body["correction"]["coefficients"]),
-        gammas=np.array([np.nan if g is None else g for g in body["correction"]["gammas"]]),
-        stages=np.array(body["correction"]["stages"]),
+        coefficients=np.array(corr.coefficients),
+        gammas=np.array([np.nan if g is None else g for g in corr.gammas]),
+        stages=np.array([s.value for s in corr.stages]),
         filter_params={} if best.correction.filter.is_all_pass else dataclasses.asdict(best.correction.filter),
         filter_masks=filter_masks,
-        candidates=body["calibration"]["candidates"],
-        speed=body["speed"],
-        quality=body["calibration"]["quality"] | {"n_samples": body["calibration"]["n_samples"]},
+        candidates=[c.to_json() for c in manifest.calibration.candidates],
+        speed=manifest.speed.to_json(),
+        quality=manifest.calibration.quality,
+        n_samples=manifest.calibration.n_samples,
         notes=notes,
     )
     write_report(folder / "report.html", data)

@@ -1,9 +1,14 @@
-"""Sampling with diffusers schedulers around an ONNX model: the loop calibration and the runtime share.
+"""diffusers schedulers on torch tensors: the per-step arithmetic every sampling loop shares.
 
-The model is anything that maps a feed dict to its raw output (an engine, or the runtime's
-full/cache dispatch). The loop handles ε, v and flow outputs (the scheduler's own convention),
+`Denoiser` holds one generation's scheduler state and turns latents into model feeds and model
+outputs into the next latents: ε, v and flow outputs (the scheduler's own convention),
 learned-sigma outputs (2C channels, the first C are the prediction) and classifier-free guidance
-(cond and uncond batched: first half cond, second half uncond).
+(cond and uncond batched: first half cond, second half uncond). The runtime's dispatch
+(`runtime.generation`) drives it; `sample()` drives it around a plain model function (the torch
+reference models and the peer methods of the benchmark).
+
+Initial noise is a function of (seed, row index) alone (`initial_noise`), so a sample is the same
+whichever batch it runs in.
 """
 
 from __future__ import annotations
@@ -11,12 +16,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from omnicache_export.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEDULER_PRESETS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
@@ -90,38 +99,58 @@ class SamplingSpec:
         return cls(**data)
 
 
-class Denoiser:
-    """One generation's scheduler state: call `step(i, model_output)` in order; `timesteps` is fixed."""
+def initial_noise(spec: SamplingSpec, seed: int, rows: int | Sequence[int]) -> np.ndarray:
+    """The initial noise of each row, before the scheduler's `init_noise_sigma`: row r's is
+    `numpy.random.default_rng([seed, r]).standard_normal(latent_shape, dtype=float32)`. Drawn on the
+    host, so every device and batch size starts from the same latents."""
+    if seed < 0:
+        raise UserError(f"seed {seed}: must be >= 0")
+    rows = range(rows) if isinstance(rows, int) else rows
+    shape = tuple(spec.latent_shape)
+    return np.stack([np.random.default_rng([seed, int(r)]).standard_normal(shape, dtype=np.float32) for r in rows])
 
-    def __init__(self, spec: SamplingSpec):
+
+class Denoiser:
+    """One generation's scheduler state on `device`: call `step(i, prediction, x)` in order."""
+
+    def __init__(self, spec: SamplingSpec, device: str | torch.device = "cpu"):
         import torch
 
         self.spec = spec
         self.torch = torch
+        self.device = torch.device(device)
         self.scheduler = make_scheduler(spec.scheduler)
         self.scheduler.set_timesteps(spec.n_steps)
         self.timesteps = self.scheduler.timesteps.clone()
         if len(self.timesteps) != spec.n_steps:
             raise UserError(f"the scheduler made {len(self.timesteps)} timesteps for --steps {spec.n_steps}")
+        self._scales_input = hasattr(self.scheduler, "scale_model_input")
+        self._timestep_feeds: dict[int, list] = {}
 
-    def initial_latents(self, n: int, seed: int) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((n, *self.spec.latent_shape)).astype(np.float32)
+    def initial_latents(self, rows: int | Sequence[int], seed: int) -> torch.Tensor:
+        """x_0 of the given rows (or of rows 0..n-1), on the device (`initial_noise` × init_noise_sigma)."""
+        x = self.torch.from_numpy(initial_noise(self.spec, seed, rows)).to(self.device)
         return x * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
 
-    def model_input(self, i: int, x: np.ndarray) -> np.ndarray:
-        if hasattr(self.scheduler, "scale_model_input"):
-            return self.scheduler.scale_model_input(self.torch.from_numpy(x), self.timesteps[i]).numpy()
+    def model_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self._scales_input:
+            return self.scheduler.scale_model_input(x, self.timesteps[i])
         return x
 
-    def timestep_feed(self, i: int, batch: int) -> np.ndarray:
-        t = float(self.timesteps[i]) * self.spec.timestep_scale
-        shape = self.spec.timestep_shape
-        if shape is not None and (len(shape) == 0 or shape == [1]):
-            return np.full(shape, t, dtype=np.dtype(self.spec.timestep_dtype))
-        return np.full((batch,), t, dtype=np.dtype(self.spec.timestep_dtype))
+    def timestep_feed(self, i: int, batch: int) -> torch.Tensor:
+        """The timestep input of step i for a model batch; made once per batch size, on the device."""
+        if batch not in self._timestep_feeds:
+            shape = self.spec.timestep_shape
+            if shape is None or not (len(shape) == 0 or shape == [1]):
+                shape = [batch]
+            dtype = numpy_to_torch(self.spec.timestep_dtype)
+            scale = self.spec.timestep_scale
+            self._timestep_feeds[batch] = [
+                self.torch.full(shape, float(t) * scale, dtype=dtype, device=self.device) for t in self.timesteps
+            ]
+        return self._timestep_feeds[batch][i]
 
-    def feeds(self, i: int, x: np.ndarray, static: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def feeds(self, i: int, x: torch.Tensor, static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's feeds at step i: conditioning (`static`, from `batched_feeds`), latent, timestep."""
         copies = 2 if self.spec.cfg else 1
         feeds = dict(static)
@@ -130,34 +159,47 @@ class Denoiser:
             feeds[self.spec.timestep] = self.timestep_feed(i, len(x) * copies)
         return feeds
 
-    def latent_feed(self, i: int, x: np.ndarray, copies: int) -> np.ndarray:
+    def latent_feed(self, i: int, x: torch.Tensor, copies: int) -> torch.Tensor:
         """The model's latent input: scaled x, repeated for guidance, in the model's dtype."""
-        x = self.model_input(i, x).astype(self.spec.latent_dtype, copy=False)
-        return np.concatenate([x] * copies, axis=0) if copies > 1 else x
+        x = self.model_input(i, x).to(numpy_to_torch(self.spec.latent_dtype))
+        return self.torch.cat([x] * copies, dim=0) if copies > 1 else x.contiguous()
 
-    def guided(self, raw: np.ndarray) -> np.ndarray:
-        """Prediction from the raw model output: drop learned-sigma channels, apply guidance."""
+    def guided(self, raw: torch.Tensor) -> torch.Tensor:
+        """Prediction from the raw model output: drop learned-sigma channels, apply guidance (float32)."""
         c = self.spec.latent_shape[0]
-        out = raw[:, :c] if self.spec.learned_sigma else raw
+        out = (raw[:, :c] if self.spec.learned_sigma else raw).float()
         if self.spec.cfg:
-            cond, uncond = np.split(out, 2, axis=0)
+            cond, uncond = out.chunk(2, dim=0)
             out = uncond + self.spec.guidance_scale * (cond - uncond)
-        return out.astype(np.float32)
+        return out
 
-    def step(self, i: int, prediction: np.ndarray, x: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        out = self.scheduler.step(torch.from_numpy(prediction), self.timesteps[i], torch.from_numpy(x), return_dict=False)
-        return out[0].numpy().astype(np.float32)
+    def step(self, i: int, prediction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = self.scheduler.step(prediction, self.timesteps[i], x, return_dict=False)
+        return out[0].float()
 
 
-def batched_feeds(spec: SamplingSpec, cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Conditioning feeds of one generation: cond then uncond along the batch axis under guidance."""
+def numpy_to_torch(name: str):
+    """torch dtype of a numpy dtype name (`float32`, `float16`, `int64` ...)."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "int64": torch.int64,
+            "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}[np.dtype(name).name]
+
+
+def to_torch(arrays: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+
+
+def batched_feeds(spec: SamplingSpec, cond: dict, uncond: dict) -> dict:
+    """Conditioning feeds of one generation (torch tensors): cond then uncond along the batch axis under guidance."""
+    import torch
+
     if not spec.cfg:
-        return dict(cond)
-    feeds = {}
-    for name, value in cond.items():
-        feeds[name] = np.concatenate([value, uncond[name]], axis=0) if name in uncond else value
-    return feeds
+        return {k: v.contiguous() for k, v in cond.items()}
+    return {name: (torch.cat([value, uncond[name]], dim=0) if name in uncond else value.contiguous())
+            for name, value in cond.items()}
 
 
 ModelFn = Callable[[int, dict[str, np.ndarray]], np.ndarray]
@@ -171,27 +213,27 @@ def sample(
     n: int,
     seed: int,
     record: bool = False,
-    on_output: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None = None,
     progress: str | None = None,
-    x0: np.ndarray | None = None,
+    rows: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run the sampler on n samples. `model(i, feeds)` returns the raw output of step i;
-    `on_output(i, raw, x)` may replace it (calibration corrections). Returns the final latents and,
-    with `record`, the trajectory [n, N+1, ...]. `progress`: a progress-bar label, or None."""
+    """Run the sampler around a plain host model function `model(i, feeds) -> raw output` (numpy
+    in, numpy out: the torch reference models, the benchmark's peer methods). Rows 0..n-1 of the
+    noise (or `rows`). Returns the final latents and, with `record`, the trajectory [n, N+1, ...]."""
+    import torch
     from tqdm.auto import tqdm
 
     den = Denoiser(spec)
-    x = den.initial_latents(n, seed) if x0 is None else x0
-    static = batched_feeds(spec, cond, uncond)
+    x = den.initial_latents(range(n) if rows is None else rows, seed)
+    static = batched_feeds(spec, to_torch(cond), to_torch(uncond))
     trajectory = [x] if record else None
     for i in tqdm(range(spec.n_steps), desc=progress, disable=progress is None, leave=False):
-        raw = model(i, den.feeds(i, x, static))
-        if on_output is not None:
-            raw = on_output(i, raw, x)
+        feeds = {k: v.numpy() for k, v in den.feeds(i, x, static).items()}
+        raw = torch.from_numpy(np.asarray(model(i, feeds)))
         x = den.step(i, den.guided(raw), x)
         if record:
             trajectory.append(x)
-    return x, (np.stack(trajectory, axis=1) if record else None)
+    final = x.numpy()
+    return final, (torch.stack(trajectory, dim=1).numpy() if record else None)
 
 
 def chunks(n: int, size: int):
@@ -199,33 +241,6 @@ def chunks(n: int, size: int):
     for start in range(0, n, size):
         rows = list(range(start, min(n, start + size)))
         yield rows, rows + [rows[-1]] * (size - len(rows))
-
-
-def sample_chunked(
-    spec: SamplingSpec,
-    make_model: Callable[[], ModelFn],
-    cond: dict[str, np.ndarray],
-    uncond: dict[str, np.ndarray],
-    n: int,
-    seed: int,
-    batched: set[str],
-    record: bool = False,
-    progress: str | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """`sample` for models whose export fixed the batch: samples go through in chunks of the static
-    batch, the last one padded by repeating its final sample. `make_model()` gives each chunk a
-    model function with fresh state. The noise is drawn for all n samples at once, as without chunks."""
-    size = spec.chunk or n
-    x0 = Denoiser(spec).initial_latents(n, seed)
-    finals, trajs = [], []
-    for rows, padded in chunks(n, size):
-        pick = lambda d: {k: (v[padded] if k in batched else v) for k, v in d.items()}  # noqa: E731
-        final, traj = sample(spec, make_model(), pick(cond), pick(uncond), size, seed, record, progress=progress,
-                             x0=x0[padded])
-        finals.append(final[: len(rows)])
-        if record:
-            trajs.append(traj[: len(rows)])
-    return np.concatenate(finals), (np.concatenate(trajs) if record else None)
 
 
 def timesteps_of(spec: SamplingSpec) -> np.ndarray:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from omnicache_export.calibration.calibrate import carried_caches, extrapolation_ratios
-from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
-from omnicache_export.runtime.omnicache import PREV, PREV2, STEP
+from omnicache_export.calibration.correction import extrapolation_ratios
+from omnicache_export.engines import load_engine
+from omnicache_export.engines.base import infer_numpy
+from omnicache_export.passes.cache_names import FULL_PREV, FULL_PREV2, STEP
 from omnicache_export.runtime.sampler import SamplingSpec, sample, timesteps_of
 
 from ._torch import PeerRun
@@ -36,25 +37,30 @@ class Graphs:
         manifest = json.loads((folder / "omnicache.json").read_text())
         if any(c != 0.0 for c in manifest["correction"]["coefficients"]):
             raise ValueError(f"{folder}: the cache graph embeds a correction; the peers need an uncorrected one")
-        self.full = OnnxRuntimeEngine(folder / "full.onnx")
-        self.cache = OnnxRuntimeEngine(folder / "cache.onnx")
+        self.full = load_engine("onnxruntime", folder / "full.onnx")
+        self.cache = load_engine("onnxruntime", folder / "cache.onnx")
         self.output = manifest["sampling"]["output"]
-        self.names = manifest["io"]["cache_tensors"]
-        self.full_in = [s.name for s in self.full.inputs]
-        self.cache_in = [s.name for s in self.cache.inputs]
+        self.names = [t["name"] for t in manifest["graphs"]["full"]["outputs"] if t["feed"] == "cache"]
 
     def run_full(self, feeds: dict) -> tuple[np.ndarray, dict]:
-        out = self.full.run({k: feeds[k] for k in self.full_in})
+        out = infer_numpy(self.full, feeds)
         return out[self.output], {k: out[k] for k in self.names}
 
     def run_cache(self, i: int, feeds: dict, caches: dict, like: np.ndarray) -> np.ndarray:
         zeros = np.zeros_like(like)
-        extra = {STEP: np.array([i], np.int64), PREV: zeros, PREV2: zeros, **caches}
-        return self.cache.run({k: extra[k] if k in extra else feeds[k] for k in self.cache_in})[self.output]
+        extra = {STEP: np.array([i], np.int64), FULL_PREV: zeros, FULL_PREV2: zeros, **caches}
+        return infer_numpy(self.cache, {**feeds, **extra}, names=[self.output])[self.output]
 
     def close(self) -> None:
         self.full.close()
         self.cache.close()
+
+
+def carried_caches(caches: dict, caches_prev: dict | None, rho: float) -> dict:
+    """The peers' own cache extrapolation: R + ρ (R − R_prev) for every cache tensor."""
+    if not rho or caches_prev is None:
+        return caches
+    return {k: v + np.float32(rho) * (v - caches_prev[k]) for k, v in caches.items()}
 
 
 def run_schedule(case: OnnxCase, full: np.ndarray, extrapolate: bool) -> PeerRun:

@@ -1,0 +1,26 @@
+"""The graph side of the correction: the parametric cache graph calibration runs, and the frozen one
+the export writes. Both work on a copy (onnx_ir clone: weights shared, never copied), so the caller's
+model stays the uncorrected / parametric graph it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from omnicache_export.passes.correction_pipeline import cache_graph_passes, freeze
+
+
+def build_cache_graph(
+    uncorrected: ir.Model, output_name: str, cache_names: list[str], n_steps: int, *, trend: bool, blend: bool,
+    filter_hw: tuple[int, int] | None, expose_uncorrected: bool = False,
+) -> ir.Model:
+    """The uncorrected cache graph with the correction's chosen parts, its tables as graph inputs
+    (see passes.cache_names.TABLES); with `expose_uncorrected`, õ is an output too."""
+    passes = cache_graph_passes(output_name, cache_names, n_steps, trend=trend, blend=blend,
+                                filter_hw=filter_hw, expose_uncorrected=expose_uncorrected)
+    return ir.passes.functionalize(passes)(uncorrected).model
+
+
+def freeze_cache_graph(model: ir.Model, tables: dict[str, np.ndarray]) -> ir.Model:
+    """The parametric graph with `tables` (one per table input, masks scaled) frozen into constants."""
+    return ir.passes.functionalize(freeze(tables))(model).model

@@ -1,0 +1,135 @@
+"""The one step dispatch: which graph runs a step, and what feeds each of its inputs.
+
+A full step runs the full graph and writes its output and cache tensors into the cache state's
+free buffers; a cached step runs the cache graph fed from the state: the step index, the outputs of
+the last two full steps, the caches of the last full step (and of the one before, for the cache
+trend) and, in calibration's graphs only, the correction tables. What feeds each input comes from
+the graphs' `GraphIO` (the manifest), never from input names. The runtime, calibration and the speed
+benchmark all run steps through `StepDispatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from omnicache_export.engines.base import Engine, Runner
+from omnicache_export.runtime.graph_io import Feed, GraphIO
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "DOUBLE": torch.float64,
+                 "INT64": torch.int64, "INT32": torch.int32, "BOOL": torch.bool}
+
+
+def torch_dtype(onnx_name: str) -> torch.dtype:
+    return _TORCH_DTYPES[onnx_name]
+
+
+class CacheState:
+    """What a generation carries from its full steps to its cached steps, in buffers allocated once:
+    two for the model output and two for each cache tensor, rotated at each full step (the one
+    that held the oldest value receives the new one). Before two full steps the older buffers hold
+    zeros: the coefficients there are 0, so any finite value will do."""
+
+    def __init__(self, output: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
+                 device: torch.device):
+        self.output = output
+        self.buffers = {name: [torch.zeros(shapes[name], dtype=dtypes[name], device=device) for _ in range(2)]
+                        for name in shapes}
+        self.newest = 1  # index of the buffers the last full step wrote
+        self.n_full = 0
+
+    def targets(self) -> dict[str, torch.Tensor]:
+        """The buffers the next full step writes (those holding the oldest values)."""
+        return {name: pair[1 - self.newest] for name, pair in self.buffers.items()}
+
+    def advance(self) -> None:
+        """The full step wrote `targets()`: they are now the newest."""
+        self.newest = 1 - self.newest
+        self.n_full += 1
+
+    def last(self, name: str) -> torch.Tensor:
+        return self.buffers[name][self.newest]
+
+    def before_last(self, name: str) -> torch.Tensor:
+        return self.buffers[name][1 - self.newest]
+
+    @property
+    def prev(self) -> torch.Tensor:
+        return self.last(self.output)
+
+    @property
+    def prev2(self) -> torch.Tensor:
+        return self.before_last(self.output)
+
+
+class StepDispatch:
+    """Both engines and what feeds them. Shared by every generation; each generation has its own
+    runners (`runners()`) and cache state (`new_state`)."""
+
+    def __init__(self, full: Engine, cache: Engine, full_io: GraphIO, cache_io: GraphIO):
+        self.full, self.cache = full, cache
+        self.full_io, self.cache_io = full_io, cache_io
+        outputs = full_io.outputs_of(Feed.OUTPUT)
+        if len(outputs) != 1:
+            raise ValueError(f"the full graph needs one model output, the manifest names {len(outputs)}")
+        self.output = outputs[0].name
+        self.cache_names = [t.name for t in full_io.outputs_of(Feed.CACHE)]
+        self.table_names = [t.source for t in cache_io.inputs_fed_by(Feed.TABLE)]
+        self.uncorrected = next((t.name for t in cache_io.outputs_of(Feed.UNCORRECTED)), None)
+        self.device = full.device
+
+    def runners(self) -> tuple[Runner, Runner]:
+        return self.full.runner(), self.cache.runner()
+
+    def new_state(self, full_runner: Runner, model_feeds: Mapping[str, torch.Tensor]) -> CacheState:
+        shapes = full_runner.output_shapes({t.name: tuple(model_feeds[t.source].shape) for t in self.full_io.inputs})
+        names = [self.output, *self.cache_names]
+        dtypes = {t.name: torch_dtype(t.dtype) for t in self.full_io.outputs}
+        return CacheState(self.output, {k: shapes[k] for k in names}, dtypes, self.device)
+
+    def full_feeds(self, model_feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {t.name: model_feeds[t.source] for t in self.full_io.inputs}
+
+    def run_full(self, runner: Runner, state: CacheState, model_feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """A full step: the output and caches into the state's free buffers; returns the output."""
+        runner.infer(self.full_feeds(model_feeds), outputs=state.targets())
+        state.advance()
+        return state.prev
+
+    def cache_feeds(self, i: int, model_feeds: Mapping[str, torch.Tensor], state: CacheState,
+                    tables: Mapping[str, torch.Tensor] | None, steps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cache graph's feeds at step i. `steps`: int64 [N, 1] of step indices on the device."""
+        sources = {
+            Feed.MODEL: lambda t: model_feeds[t.source],
+            Feed.STEP: lambda t: steps[i],
+            Feed.FULL_PREV: lambda t: state.prev,
+            Feed.FULL_PREV2: lambda t: state.prev2,
+            Feed.CACHE: lambda t: state.last(t.source),
+            Feed.CACHE_PREV: lambda t: state.before_last(t.source) if state.n_full > 1 else state.last(t.source),
+            Feed.TABLE: lambda t: tables[t.source],
+        }
+        if self.table_names and tables is None:
+            raise ValueError(f"this cache graph takes its correction tables as inputs: {self.table_names}")
+        return {t.name: sources[t.feed](t) for t in self.cache_io.inputs}
+
+    def run_cached(self, runner: Runner, feeds: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]) -> None:
+        runner.infer(feeds, outputs=out, names=list(out))
+
+    def step_indices(self, n_steps: int) -> torch.Tensor:
+        return torch.arange(n_steps, dtype=torch.int64, device=self.device).reshape(n_steps, 1)
+
+    def close(self) -> None:
+        self.full.close()
+        self.cache.close()
+
+    def tables_as_fed(self, tables: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        """Correction tables (arrays by table name) as the cache graph's table inputs take them."""
+        import numpy as np
+
+        dtypes = {t.source: torch_dtype(t.dtype) for t in self.cache_io.inputs_fed_by(Feed.TABLE)}
+        missing = sorted(set(dtypes) - set(tables))
+        if missing:
+            raise ValueError(f"correction tables missing: {missing}")
+        return {k: torch.from_numpy(np.ascontiguousarray(tables[k])).to(device=self.device, dtype=dtypes[k])
+                for k in dtypes}
