@@ -16,6 +16,7 @@ import pytest
 
 from omnicache_export.errors import UserError
 from omnicache_export.io_spec import IOSpec
+from omnicache_export.hashing import sha256_file
 from omnicache_export.runtime import manifest as mf
 from omnicache_export.runtime.deploy import tensorrt_profiles, triton_model_config
 from omnicache_export.runtime.graph_io import Feed, GraphIO, TensorIO
@@ -312,7 +313,7 @@ def test_build_manifest(tmp_path):
                        verification=base.verification)
     mf.write_manifest(tmp_path, m)
     back = mf.read_manifest(tmp_path)
-    assert back.source == mf.Source("pixart.onnx", mf.sha256_file(model)) and str(tmp_path) not in json.dumps(back.to_json())
+    assert back.source == mf.Source("pixart.onnx", sha256_file(model)) and str(tmp_path) not in json.dumps(back.to_json())
     assert back.model_io.cache_tensors[0].shape == ("batch", 16, 32) and back.model_io.block_region.node_share == 0.9123
     assert [s.value for s in back.correction.stages] == ["low"] * 3 + ["high"] * 2
     assert back.correction.gammas == (None, None, 1.0, None, None)

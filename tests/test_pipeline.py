@@ -13,7 +13,7 @@ from omnicache_export.calibration import schedule as sched
 from omnicache_export.cli.main import main
 from omnicache_export.errors import UserError
 from omnicache_export.runtime.manifest import read_manifest
-from omnicache_export.graph.modelio import sha256_file
+from omnicache_export.hashing import sha256_file
 from omnicache_export.pipeline.job import ExportOptions, export
 from omnicache_export.runtime.omnicache import OmniCache
 from omnicache_export.zoo.export import write_inputs_npz

@@ -8,7 +8,6 @@ destination and renames it at the end, so a failed run leaves nothing half-writt
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -82,14 +81,6 @@ def save_model(model: ir.Model, path: Path, external: bool | None = None) -> Non
     if external is None:
         external = weight_bytes(model) >= _INLINE_LIMIT_BYTES
     ir.save(model, path, external_data=f"{path.name}.data" if external else None)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from omnicache_export.graph import modelio
 from omnicache_export.graph.analysis import ModelAnalysis, analyze
 from omnicache_export.graph.synthetic import synthesize
+from omnicache_export.hashing import sha256_file
 from omnicache_export.passes.add_cache_output import AddCacheOutputPass
 from omnicache_export.passes.cache_names import cache_name
 from omnicache_export.passes.cut_block_stack import CutBlockStackPass
@@ -106,7 +107,7 @@ def split(
         else:
             verification["numeric"] = "skipped (weights over 1 GiB, or --no-verify)"
         report = {
-            "source": {"path": str(model_path), "sha256": modelio.sha256_file(model_path)},
+            "source": {"name": model_path.name, "sha256": sha256_file(model_path)},
             "analysis": analysis.to_json(),
             "cache_tensors": [cache_name(i) for i in range(len(analysis.region.streams))],
             "verification": verification,

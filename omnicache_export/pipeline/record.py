@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from omnicache_export.hashing import sha256_file
 from omnicache_export.passes.cache_names import cache_name
 from omnicache_export.runtime import manifest as mf
 from omnicache_export.runtime.graph_io import Feed, GraphIO
@@ -58,7 +59,7 @@ def build_manifest(
     best = result.best
     files = sorted({name for e in engines for name in (e.full, e.cache)})
     return mf.Manifest(
-        source=mf.Source(Path(model_path).name, mf.sha256_file(model_path)),
+        source=mf.Source(Path(model_path).name, sha256_file(model_path)),
         model_io=model_io(analysis, spec, full_io),
         graphs={"full": full_io, "cache": cache_io},
         sampling=mf.Sampling.from_spec(spec),

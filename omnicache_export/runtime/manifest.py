@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 import math
 import numbers
@@ -28,6 +27,7 @@ from typing import Any, Union
 
 from omnicache_export import __version__
 from omnicache_export.errors import UserError
+from omnicache_export.hashing import sha256_file
 from omnicache_export.io_spec import IOSpec, Role
 from omnicache_export.runtime.graph_io import Feed, GraphIO, TensorIO
 from omnicache_export.runtime.sampler import SamplingSpec
@@ -614,14 +614,6 @@ def resolve_inside(folder: Path, name: str) -> Path:
     if root not in target.parents:
         raise UserError(f"{folder}: path {name!r} resolves outside the export folder")
     return target
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def artifact_entries(folder: Path, names: Sequence[str]) -> dict[str, Artifact]:
