@@ -143,3 +143,36 @@ def test_runtime_imports_no_graph_tooling():
             "print(','.join(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_tensorrt_profile_and_triton_config_from_a_real_manifest(dit_out):
+    """From the manifest alone: the profile's min and max shapes run both exported graphs (ONNX
+    Runtime, zeros), and the Triton configs name every graph input and output with its type."""
+    from google.protobuf import text_format
+
+    from omnicache_export.runtime.deploy import tensorrt_profiles, triton_model_config
+    from omnicache_export.runtime.manifest import read_manifest
+
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    out, _ = dit_out
+    m = read_manifest(out)
+    profiles = tensorrt_profiles(m, min_batch=1, opt_batch=2, max_batch=3)
+    types = {"FLOAT": np.float32, "INT64": np.int64}
+    for graph in ("full", "cache"):
+        session = ort.InferenceSession(str(out / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+        declared = {a.name: a for a in session.get_inputs()}
+        io = m.graphs[graph]
+        assert set(profiles[graph]) == set(declared) == {t.name for t in io.inputs}
+        for pick in (0, 2):  # min, max
+            feeds = {t.name: np.zeros(profiles[graph][t.name][pick], types[t.dtype]) for t in io.inputs}
+            if "omnicache_step" in feeds:
+                feeds["omnicache_step"][:] = 2
+            outputs = session.run(None, feeds)
+            assert outputs[0].shape[0] == 2 * (1 if pick == 0 else 3)  # guidance: two model rows a sample
+        config = text_format.Parse(triton_model_config(m, graph, "onnxruntime_onnx", 0),
+                                   model_config_pb2.ModelConfig())
+        assert {i.name for i in config.input} == set(declared)
+        assert {o.name for o in config.output} == {t.name for t in io.outputs}
+        for i in config.input:
+            assert model_config_pb2.DataType.Name(i.data_type) == {"FLOAT": "TYPE_FP32", "INT64": "TYPE_INT64"}[
+                next(t.dtype for t in io.inputs if t.name == i.name)]

@@ -129,13 +129,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     out = export(args.model, args.output, opts)
-    manifest = json.loads((out / "omnicache.json").read_text())
-    sched, speed, quality = manifest["schedule"], manifest["speed"], manifest["calibration"]["quality"]
-    print(f"schedule {sched['name']}: {sched['pattern']} ({sched['n_cached']} of {len(sched['full'])} steps cached)")
-    print(f"correction: {manifest['correction']['name']}")
-    print(f"quality vs no cache on the calibration samples: {quality['psnr_db_mean']:.2f} dB PSNR")
-    measured = speed["measured_speedup"]
-    print(f"speedup: predicted {speed['predicted_speedup']:.2f}x, measured {measured:.2f}x (ONNX Runtime, CPU)" if measured else "")
+    from omnicache_export.runtime.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    sched, speed, quality = manifest.schedule, manifest.speed, manifest.calibration.quality
+    print(f"schedule {sched.name}: {sched.pattern} ({sched.n_cached} of {len(sched.full)} steps cached)")
+    print(f"correction: {manifest.correction.name}")
+    print(f"quality vs no cache on the calibration samples: {quality.psnr_db_mean:.2f} dB PSNR")
+    measured = speed.measured_speedup
+    print(f"speedup: predicted {speed.predicted_speedup:.2f}x, measured {measured:.2f}x (ONNX Runtime, CPU)" if measured else "")
     print(f"wrote {out}/full.onnx, {out}/cache.onnx, {out}/omnicache.json, {out}/report.html")
     return 0
 
