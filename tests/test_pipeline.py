@@ -241,3 +241,16 @@ def test_static_batch_export_is_chunked(static_batch_dit, guidance, tmp_path, ca
     assert m.verification.runtime_vs_calibration_max_rel_err <= 1e-4
     assert main(["run", str(out), "--inputs", str(calib), "--out", str(tmp_path / "r.npz"), "-q"]) == 0
     assert np.load(tmp_path / "r.npz")["latent"].shape == (3, 4, 8, 8)
+
+
+def test_verification_failure_is_exit_2_and_leaves_nothing(zoo_export, tmp_path, capsys, monkeypatch):
+    """Runtime and calibration disagreeing past the stated tolerance fails the export (here forced by
+    a negative tolerance: they agree bit for bit on CPU)."""
+    import omnicache_export.pipeline.job as job
+
+    monkeypatch.setattr(job, "VERIFY_TOLERANCE", -1.0)
+    out = tmp_path / "out"
+    assert main([str(zoo_export("dit", "torchscript")), "-o", str(out), "--steps", "4", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "verification failed" in err and err.count("\n") == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
