@@ -4,6 +4,11 @@ None runs a model (shape probing by ONNX Runtime is analysis: omnicache_export.g
 
 Analyses: `locate_blocks` (the block stack), `static_shapes` (concrete shapes by shape inference).
 
+Repairs of exporter traps ONNX Runtime refuses to load, on the user's model as it is loaded
+(`omnicache_export.graph.repair`), one pass per trap: FoldSqueezeIfPass (TorchScript's
+`If(dim == 1, Squeeze, Identity)` on a static dim != 1), DropNoopSqueezePass (dynamo's `Squeeze`
+of such a dim).
+
 The split, from one source model:
 - full graph: AddCacheOutputPass (one `omnicache_cache[_k]` output per cache stream);
 - cache graph: CutBlockStackPass (the stack cut out, the caches as inputs), which runs

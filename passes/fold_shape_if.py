@@ -35,6 +35,23 @@ def _through_unit_ops(value: ir.Value) -> ir.Value:
     return value
 
 
+def inline_branch(graph: ir.Graph, node: ir.Node, taken: bool) -> None:
+    """Replace the `If` node of `graph` by the nodes of its then (`taken`) or else branch."""
+    branch = node.attributes["then_branch" if taken else "else_branch"].as_graph()
+    inner = list(branch)
+    outputs = list(branch.outputs)
+    branch.outputs.clear()  # a value may be the output of one graph only
+    for n in inner:
+        branch.remove(n)
+    graph.insert_before(node, inner)
+    for old, new in zip(node.outputs, outputs):
+        name, is_output = old.name, old in graph.outputs
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        if is_output:  # a graph output keeps its name
+            old.name, new.name = f"{name}_folded", name
+    graph.remove(node, safe=True)
+
+
 class FoldShapeIfPass(ir.passes.InPlacePass):
     def __init__(self, shapes_b1: dict[str, Shape], shapes_b2: dict[str, Shape]):
         super().__init__()
@@ -76,14 +93,6 @@ class FoldShapeIfPass(ir.passes.InPlacePass):
             taken = self._condition(node.inputs[0])
             if taken is None:
                 continue
-            branch = node.attributes["then_branch" if taken else "else_branch"].as_graph()
-            inner = list(branch)
-            outputs = list(branch.outputs)
-            for n in inner:
-                branch.remove(n)
-            graph.insert_before(node, inner)
-            for old, new in zip(node.outputs, outputs):
-                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
+            inline_branch(graph, node, taken)
             modified = True
         return ir.passes.PassResult(model, modified=modified)

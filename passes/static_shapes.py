@@ -8,7 +8,9 @@ Large initializers are turned into typed graph inputs first, so this never copie
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 
 import onnx
 import onnx_ir as ir
@@ -35,7 +37,8 @@ def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
     # The exporter's symbolic annotations would be merged into (and mask) the concrete result.
     del proto.graph.value_info[:]
     for out in proto.graph.output:
-        out.type.tensor_type.ClearField("shape")
+        if out.type.HasField("tensor_type"):  # an untyped output stays untyped (not element type 0)
+            out.type.tensor_type.ClearField("shape")
     return proto
 
 
@@ -95,8 +98,53 @@ def infer_static_shapes(model: ir.Model, input_shapes: dict[str, Shape]) -> dict
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        result.update(_collect(SymbolicShapeInference.infer_shapes(proto, auto_merge=True)))
+        # Where it resolves only part of the graph it saves the model into the working folder
+        # (sym_shape_infer_temp.onnx + data) before raising: run it in a throwaway one.
+        with tempfile.TemporaryDirectory(prefix="omnicache-shapes-") as scratch, contextlib.chdir(scratch):
+            result.update(_collect(SymbolicShapeInference.infer_shapes(proto, auto_merge=True)))
     except Exception as exc:
         logger.info("ONNX Runtime symbolic shape inference failed: %r", exc)
     return result
 
+
+def infer_elem_types(model: ir.Model) -> dict[str, ir.DataType]:
+    """Value name -> element type by ONNX type inference, for the values the export left untyped
+    (TorchScript writes no value_info: a half-precision model's block stack is FLOAT16 inside)."""
+    proto = _weightless_proto(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception as exc:  # best effort, like the shapes
+        logger.info("ONNX type inference failed: %s", exc)
+        return {}
+    types: dict[str, ir.DataType] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            types[info.name] = ir.DataType(info.type.tensor_type.elem_type)
+    return types
+
+
+def symbolic_static_dims(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
+    """Value name -> its dims as ONNX shape inference sees them for every input (the input dims left
+    as exported, symbolic): an int where the dim is the same whatever the inputs, None where not.
+    What ONNX Runtime's load-time type check sees, so what its shape errors are about."""
+    dims: dict[str, tuple[int | None, ...]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if value.shape is not None:  # the exporter's annotations, subgraphs included
+                dims[value.name] = tuple(d if isinstance(d, int) else None for d in value.shape.dims)
+    proto = _weightless_proto(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        logger.info("ONNX shape inference failed: %s", exc)
+        inferred = proto
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = info.type.tensor_type
+        if info.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            inferred_dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            known = dims.get(info.name)
+            if known is None or len(known) != len(inferred_dims):
+                dims[info.name] = inferred_dims
+            else:  # merge: a dim either side pins down
+                dims[info.name] = tuple(a if a is not None else b for a, b in zip(known, inferred_dims))
+    return dims

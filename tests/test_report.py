@@ -95,3 +95,69 @@ def test_predicted_speedup():
     assert predicted_speedup(0.0, 0.1) == 1.0
     assert abs(predicted_speedup(0.5, 0.0) - 2.0) < 1e-12
     assert abs(predicted_speedup(0.5, 0.2) - 1 / 0.6) < 1e-12
+
+
+# ------------------------------------------------------------------ labels and the stated setup (issue 9, item 8)
+
+LONG = ["corrected-error-dp (runs<=2, p=0.25, last step cacheable)", "corrected-error-dp (runs<=2, p=0.5, last step cacheable)",
+        "curvature-dp (runs<=2, last step cacheable)", "staleness-dp (runs<=2)"]
+CORRECTIONS = ["cache trend, mix 0.5", "cache trend, mix 0.5, gamma=1.1", "gamma=1 + filters low0.25/high0.5 @8", "none"]
+
+
+def _long_candidates() -> list[dict]:
+    return [{"schedule": s, "correction": c, "n_full": 10, "n_cached": 10, "psnr_db": 30.0 + 0.37 * j, "rmse": 0.01,
+             "chosen": j == 5} for j, (s, c) in enumerate((s, c) for s in LONG for c in CORRECTIONS)]
+
+
+def test_candidate_labels_are_short_ids_the_table_explains(tmp_path):
+    from omnicache_export.report.page import _plot_candidates, _sorted_candidates, cand_id
+
+    data = ReportData.example()
+    data.candidates = _long_candidates()
+    cands = _sorted_candidates(data.candidates)
+    fig = _plot_candidates(cands)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [cand_id(j) + (" ★" if c["chosen"] else "") for j, c in enumerate(cands)]
+    assert all(len(label) <= 6 for label in labels)  # nothing to cut
+    text = write_report(tmp_path / "r.html", data).read_text()
+    assert "…" not in text
+    table = text[text.index("6. Candidates"):text.index("7. Speed")]
+    for j, c in enumerate(cands):  # the legend: each id with the whole schedule and correction name
+        assert (f"<td class='n'>{cand_id(j)}</td><td>{html.escape(c['schedule'])}</td>"
+                f"<td>{html.escape(c['correction'])}</td>") in table
+
+
+def test_report_states_the_setup(tmp_path):
+    data = ReportData.example(n_steps=12)
+    text = write_report(tmp_path / "r.html", data).read_text()
+    setup = text[text.index("<h2>Export</h2>"):text.index("1. Trajectory")]
+    assert "<code>DDIMScheduler</code>" in setup and "steps_offset=1" in setup
+    assert "<tr><th>steps</th><td>12</td></tr>" in setup
+    assert "<tr><th>guidance scale</th><td>4</td></tr>" in setup
+    assert "<th>precision</th><td>fp32" in setup and "onnxruntime/any/fp32" in setup
+    stream = data.cut["streams"][0]
+    for name in (stream["cache"], stream["entry"], stream["exit"]):
+        assert f"<code>{html.escape(name)}</code>" in setup
+    assert "[batch, 256, 1152]" in setup
+    assert f"measured ({data.speed_method})" in text
+
+
+def test_real_export_report(zoo_export, tmp_path):
+    from omnicache_export.pipeline.job import SPEED_METHOD, ExportOptions, export
+    from omnicache_export.runtime.manifest import read_manifest
+
+    out = tmp_path / "out"
+    export(zoo_export("dit", "torchscript"), out, ExportOptions(steps=6, num_calib=2, guidance_scale=1.5, progress=False))
+    m = read_manifest(out)
+    text = (out / "report.html").read_text()
+    assert f"RMSE</div><div class='v'>{m.calibration.quality.rmse:.3g}<" in text  # the record's field, not "–"
+    setup = text[text.index("<h2>Export</h2>"):text.index("1. Trajectory")]
+    assert f"<code>{m.sampling.scheduler['_class_name']}</code>" in setup
+    assert "<tr><th>steps</th><td>6</td></tr>" in setup and "<tr><th>guidance scale</th><td>1.5</td></tr>" in setup
+    assert "<th>precision</th><td>fp32" in setup
+    for tensor, stream in zip(m.model_io.cache_tensors, m.model_io.block_region.streams):
+        assert f"<code>{html.escape(tensor.name)}</code>" in setup
+        assert f"<code>{html.escape(stream.exit)}</code>" in setup
+    assert f"measured ({html.escape(SPEED_METHOD)})" in text
+    ideal = m.sampling.n_steps / m.schedule.n_full
+    assert 0 < m.speed.measured_speedup <= ideal * 1.15  # medians of interleaved runs, not one noisy shot

@@ -137,7 +137,8 @@ def test_verification_bounds_runtime_against_calibration(dit_out):
 
 def test_runtime_imports_no_graph_tooling():
     code = ("import sys, omnicache_export.runtime, omnicache_export.runtime.manifest, "
-            "omnicache_export.runtime.conditioning, omnicache_export.engines; "
+            "omnicache_export.runtime.conditioning, omnicache_export.runtime.deploy, "
+            "omnicache_export.runtime.graph_check, omnicache_export.engines; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnx_ir', 'onnxscript') or "
             "m.startswith(('omnicache_export.passes', 'omnicache_export.graph', 'omnicache_export.calibration')));"
             "print(','.join(bad))")

@@ -47,7 +47,7 @@ def test_runtime_with_cache_trend_matches_calibration(zoo_export, tmp_path, mix)
         plain = data.sample(graphs.plain, full, CorrectionTables.build(Correction.none(8), full, t, None)).final
     finally:
         graphs.close()
-    cache_io = _write_cache_graph(tmp_path, analysis, spec, names, tables, None)
+    cache_io = _write_cache_graph(tmp_path, analysis, spec, names, tables, None, full)
     inputs = {v.name for v in ir.load(tmp_path / "cache.onnx").graph.inputs}
     assert prev_cache_name(cache_name(0)) in inputs and "omnicache_coefficients" not in inputs
     full_io = _describe(tmp_path, "full.onnx", "cache.onnx", analysis.io, names, spec)[0]

@@ -74,7 +74,9 @@ class CalibrationGraphs:
 
 @dataclasses.dataclass
 class CalibrationSet:
-    """The conditions and seed calibration samples: rows of `cond` (sample axis first for `batched`)."""
+    """The conditions and seed calibration samples: rows of `cond` (sample axis first for `batched`),
+    `batch_size` rows per generation (None: all at once; the job picks it from a memory estimate,
+    `pipeline.memory`), and the bytes the reference run may keep as records."""
 
     spec: SamplingSpec
     cond: dict[str, np.ndarray]
@@ -82,11 +84,16 @@ class CalibrationSet:
     seed: int
     batched: set[str]
     n_samples: int
+    batch_size: int | None = None
+    record_budget: int = RECORD_BUDGET_BYTES
 
     def sample(self, dispatch: StepDispatch, full: np.ndarray, tables: CorrectionTables | None = None, **kwargs):
+        """Every sample, in batches of `batch_size`. Candidates may go non-finite (they score as such):
+        only callers that pass `check_finite=True` (the reference run) fail on it."""
         fed = dispatch.tables_as_fed(tables.inputs()) if tables is not None and dispatch.table_names else None
+        kwargs.setdefault("check_finite", False)
         return sample_rows(dispatch, self.spec, full, self.cond, self.uncond, self.seed, batched=self.batched,
-                           rows=range(self.n_samples), tables=fed, **kwargs)
+                           rows=range(self.n_samples), tables=fed, batch_size=self.batch_size, **kwargs)
 
 
 def psnr(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -147,21 +154,31 @@ class ReferenceRun:
 
 
 def reference_run(graphs: CalibrationGraphs, data: CalibrationSet, progress: bool) -> ReferenceRun:
+    """Sampling without cache, batch by batch: the final latents of every sample, the curvature of
+    every trajectory (each batch's trajectories are reduced to curvature and dropped; the 3-D
+    projections of the first batch are kept for the report), and the first batch's per-step records
+    within `data.record_budget`. Fails (UserError) where the reference itself goes non-finite."""
     d, n = graphs.plain, data.spec.n_steps
     records: list = []
     keep = {"on": True}
+    per_sample: list[np.ndarray] = []
+    first: dict = {}
+
+    def on_trajectory(batch: int, traj: np.ndarray) -> None:
+        stats = trajectory_curvature(traj)
+        per_sample.append(stats.per_sample)
+        if batch == 0:
+            first["projections"], first["x0"] = stats.projections, traj[:1, 0].copy()
 
     def observer(batch: int):
-        if batch > 0:  # the correction-aware schedule is measured on the first batch alone
-            keep["on"] = False
-            records.clear()
+        if batch > 0:  # the correction-aware schedule is measured on the first batch alone: keep its records
             return None
 
         def record(r: StepRecord) -> None:
             if not keep["on"]:
                 return
             step_bytes = sum(t.nbytes for t in [*r.model_feeds.values(), *r.outputs.values()])
-            if step_bytes * n > RECORD_BUDGET_BYTES:  # big models: skip that candidate, keep memory
+            if step_bytes * n > data.record_budget:  # big models: skip that candidate, keep memory
                 keep["on"] = False
                 records.clear()
                 logger.info("correction-aware schedule skipped: %d MB of records needed", step_bytes * n >> 20)
@@ -173,8 +190,13 @@ def reference_run(graphs: CalibrationGraphs, data: CalibrationSet, progress: boo
         return record
 
     logger.info("pass 1: reference samples, %d steps", n)
-    run = data.sample(d, np.ones(n, bool), no_cache=True, record=True, observer=observer)
-    return ReferenceRun(run.final, trajectory_curvature(run.trajectory), records, run.trajectory[:1, 0])
+    run = data.sample(d, np.ones(n, bool), no_cache=True, record=True, observer=observer,
+                      on_trajectory=on_trajectory, check_finite=True)
+    per = np.concatenate(per_sample)
+    with np.errstate(invalid="ignore"):
+        curvature = CurvatureStats(mean=per.mean(axis=0), std=per.std(axis=0), per_sample=per,
+                                   projections=first["projections"])
+    return ReferenceRun(run.final, curvature, records, first["x0"])
 
 
 # ------------------------------------------------------------------ stage 2: the DP's measured errors
@@ -244,6 +266,15 @@ class Scorer:
         scores = psnr(final, self.reference)
         cand = Candidate(s, corr, float(scores.mean()), float(scores.min()),
                          float(np.sqrt(np.mean((final - self.reference) ** 2))), final)
+        # Only the best so far keeps its final latents (verification needs the chosen one's): K
+        # samples' latents per candidate would grow with --num-calib times the candidate count.
+        # `max` keeps the first of equals and never moves to a NaN: the same rule as here.
+        best = next((c for c in self.candidates if c.final is not None), None)
+        if best is None or cand.psnr_db > best.psnr_db:
+            if best is not None:
+                best.final = None
+        else:
+            cand.final = None
         self.candidates.append(cand)
         return cand
 

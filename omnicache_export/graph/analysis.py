@@ -14,7 +14,7 @@ from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.locate_blocks import BlockRegion, BlockStackNotFound, locate_block_stack
 from omnicache_export.graph.synthetic import synthesize
 from omnicache_export.graph.modelio import weight_bytes
-from omnicache_export.passes.static_shapes import bind_input_dims, infer_static_shapes
+from omnicache_export.passes.static_shapes import bind_input_dims, infer_elem_types, infer_static_shapes
 from omnicache_export.graph.shape_probe import probe_shapes
 from omnicache_export.graph.roles import guess_roles
 from omnicache_export.io_spec import IOSpec
@@ -164,6 +164,14 @@ def analyze(
         region = locate_block_stack(model, shape_of, latents, region_start, region_end)
     except BlockStackNotFound as exc:
         raise UserError(str(exc)) from None
+    values = value_index(model.graph)
+    if any(values[s.exit].dtype is None for s in region.streams):
+        # Untyped exits (TorchScript keeps no value_info) get the type inference gives them, not a
+        # default FLOAT: a half-precision stack's cache is FLOAT16.
+        types = infer_elem_types(model)
+        for stream in region.streams:
+            if values[stream.exit].dtype is None and stream.exit in types:
+                stream.dtype = types[stream.exit].name
     # The second inference at twice the batch tells which dims of each cache tensor scale with it.
     for stream in region.streams:
         if not stream.shape:

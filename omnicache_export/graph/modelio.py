@@ -1,16 +1,13 @@
 """Loading and saving ONNX models through onnx_ir, safely.
 
 Loading is lazy (external weights are memory-mapped, never read whole), and refuses external
-data that points outside the model's folder. Saving writes into a temporary folder next to the
-destination and renames it at the end, so a failed run leaves nothing half-written.
+data that points outside the model's folder. Output folders are written atomically by
+`omnicache_export.outputs.atomic_output_dir`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +31,17 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if not len(model.graph) or not model.graph.outputs:
         raise UserError(f"{path}: the ONNX graph is empty")
     check_external_data(model, path.parent)
+    return model
+
+
+def load_user_model(path: str | os.PathLike) -> ir.Model:
+    """The user's model, as `load_model` loads it, with the known exporter traps ONNX Runtime refuses
+    to load repaired (a warning line says what; `graph.repair.repairs_of` lists it); a model it still
+    refuses is a UserError naming the node and the fix."""
+    from omnicache_export.graph.repair import repair_traps
+
+    model = load_model(path)
+    repair_traps(model, Path(path))
     return model
 
 
@@ -81,25 +89,3 @@ def save_model(model: ir.Model, path: Path, external: bool | None = None) -> Non
     if external is None:
         external = weight_bytes(model) >= _INLINE_LIMIT_BYTES
     ir.save(model, path, external_data=f"{path.name}.data" if external else None)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block finishes without error."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -11,8 +11,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from omnicache_export import outputs
 from omnicache_export.graph import modelio
 from omnicache_export.graph.analysis import ModelAnalysis, analyze
+from omnicache_export.graph.repair import repairs_of
 from omnicache_export.graph.synthetic import synthesize
 from omnicache_export.hashing import sha256_file
 from omnicache_export.passes.add_cache_output import AddCacheOutputPass
@@ -31,11 +33,15 @@ class SplitResult:
     verification: dict
 
 
-def build_graphs(path: Path, analysis: ModelAnalysis) -> tuple[ir.Model, ir.Model]:
-    """Two independent lazy loads (weights stay memory-mapped), one rewritten into each graph."""
-    full = modelio.load_model(path)
+def build_graphs(path: Path, analysis: ModelAnalysis, source: ir.Model | None = None) -> tuple[ir.Model, ir.Model]:
+    """Two independent lazy loads (weights stay memory-mapped), one rewritten into each graph. Where
+    `source` had exporter traps repaired on load, two clones of it instead (weights shared, not copied):
+    the graphs are built from the repaired model, never from the file ONNX Runtime refuses."""
+    repaired = source is not None and bool(repairs_of(source))
+    fresh = (lambda: source.clone()) if repaired else (lambda: modelio.load_model(path))
+    full = fresh()
     AddCacheOutputPass(analysis.region)(full)
-    cache = modelio.load_model(path)
+    cache = fresh()
     latent = next((s.name for s in analysis.io if s.role == "latent"), None)
     CutBlockStackPass(analysis.region, latent, (analysis.shapes_b1, analysis.shapes_b2))(cache)
     return full, cache
@@ -44,7 +50,7 @@ def build_graphs(path: Path, analysis: ModelAnalysis) -> tuple[ir.Model, ir.Mode
 def write_graphs(model_path: Path, source: ir.Model, analysis: ModelAnalysis, folder: Path, cache_name: str = "cache.onnx") -> None:
     """`full.onnx` and the cut cache graph into `folder`, weights external where the source's were."""
     external = modelio.uses_external_data(source)
-    full, cache = build_graphs(model_path, analysis)
+    full, cache = build_graphs(model_path, analysis, source)
     for name, model in (("full.onnx", full), (cache_name, cache)):
         modelio.save_model(model, folder / name, external=external or None)
         check_saved(folder / name)
@@ -92,22 +98,30 @@ def split(
     numeric_check: bool | None = None,
 ) -> SplitResult:
     model_path = Path(model_path)
-    source = modelio.load_model(model_path)
+    source = modelio.load_user_model(model_path)
     analysis = analyze(source, latent, timestep, region_start, region_end, input_dims)
-    with modelio.atomic_output_dir(out_dir, force=force) as tmp:
+    with outputs.atomic_output_dir(out_dir, force=force, inputs=[model_path]) as tmp:
         write_graphs(model_path, source, analysis, tmp)
         verification: dict = {"onnx_checker": "passed"}
         if numeric_check is None:
             numeric_check = modelio.weight_bytes(source) <= VERIFY_MAX_WEIGHT_BYTES
         if numeric_check:
+            reference = model_path
+            if repairs_of(source):  # compare with the repaired model: the file itself does not load
+                reference = tmp / ".source.repaired.onnx"
+                modelio.save_model(source, reference, external=modelio.uses_external_data(source) or None)
             try:
-                verification.update(verify(model_path, tmp / "full.onnx", tmp / "cache.onnx", analysis))
+                verification.update(verify(reference, tmp / "full.onnx", tmp / "cache.onnx", analysis))
             except ValueError as exc:
                 verification["numeric"] = f"skipped: {exc}"
+            finally:
+                if reference != model_path:
+                    for path in (reference, reference.with_name(reference.name + ".data")):
+                        path.unlink(missing_ok=True)
         else:
             verification["numeric"] = "skipped (weights over 1 GiB, or --no-verify)"
         report = {
-            "source": {"name": model_path.name, "sha256": sha256_file(model_path)},
+            "source": {"name": model_path.name, "sha256": sha256_file(model_path), "repairs": repairs_of(source)},
             "analysis": analysis.to_json(),
             "cache_tensors": [cache_name(i) for i in range(len(analysis.region.streams))],
             "verification": verification,

@@ -4,6 +4,7 @@ folder that becomes OUT only when every step succeeded."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from omnicache_export import outputs
 from omnicache_export.graph import modelio
 from omnicache_export.calibration import schedule as sched
 from omnicache_export.graph.analysis import ModelAnalysis, analyze
@@ -23,13 +25,15 @@ from omnicache_export.graph.embed import build_cache_graph, freeze_cache_graph
 from omnicache_export.errors import UserError
 from omnicache_export.io_spec import IOSpec
 from omnicache_export.io_spec import NUMPY_DTYPES
-from omnicache_export.graph.synthetic import synthesize_conditioning
+from omnicache_export.graph.synthetic import index_ranges, synthesize_conditioning
+from omnicache_export.pipeline.memory import plan_calibration
 from omnicache_export.runtime.conditioning import Conditioning, batched_inputs, load_conditioning
 from omnicache_export.pipeline.record import build_manifest
-from omnicache_export.runtime.manifest import Manifest, Speed, Verification, write_manifest
+from omnicache_export.runtime.graph_check import embedded_metadata
+from omnicache_export.runtime.manifest import Manifest, Sampling, Speed, Verification, write_manifest
 from omnicache_export.passes.cache_names import cache_name
 from omnicache_export.runtime.dispatch import StepDispatch
-from omnicache_export.runtime.sampler import SamplingSpec, scheduler_config
+from omnicache_export.runtime.sampler import SamplingSpec, check_steps, scheduler_config
 from omnicache_export.graph.split import check_saved, write_graphs
 
 logger = logging.getLogger(__name__)
@@ -113,7 +117,7 @@ def filter_hw(analysis: ModelAnalysis, spec: SamplingSpec) -> tuple[int, int] | 
 
 def conditioning(model: ir.Model, analysis: ModelAnalysis, opts: ExportOptions, spec: SamplingSpec) -> Conditioning:
     if opts.calib is not None:
-        cond = load_conditioning(opts.calib, analysis.io, spec.cfg)
+        cond = load_conditioning(opts.calib, analysis.io, spec.cfg, index_ranges(model, analysis.io))
         if cond.n_samples < opts.num_calib:
             logger.warning("%s holds %d samples; calibrating on those", opts.calib, cond.n_samples)
         return cond
@@ -125,11 +129,12 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
     model_path, out_dir = Path(model_path), Path(out_dir)
     if opts.steps < 3:
         raise UserError(f"--steps {opts.steps}: a cache schedule needs at least 3 steps")
+    check_steps(scheduler_config(opts.scheduler, opts.prediction_type), opts.steps)  # its timesteps, its cap
     if opts.cache_ratio is not None and opts.speedup is not None:
         raise UserError("give --cache-ratio or --speedup, not both")
-    if out_dir.exists() and not opts.force:
-        raise UserError(f"{out_dir} already exists (pass --force to replace it)")
-    source = modelio.load_model(model_path)
+    inputs = input_paths(model_path, opts)
+    outputs.check_output_dir(out_dir, force=opts.force, inputs=inputs)  # before any work
+    source = modelio.load_user_model(model_path)
     dims = dict(opts.input_dims or {})
     analysis = analyze(source, opts.latent, opts.timestep, opts.region_start, opts.region_end, dims)
     if opts.latent_shape:
@@ -141,16 +146,20 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
     k = min(opts.num_calib, cond.n_samples)
     batched = batched_inputs(analysis.io)
     calib_cond, calib_uncond = cond.take(0, k, batched)
+    memory = plan_calibration(analysis, spec, k, modelio.weight_bytes(source))  # refuses what cannot fit
 
-    with modelio.atomic_output_dir(out_dir, force=opts.force) as tmp:
+    with outputs.atomic_output_dir(out_dir, force=opts.force, inputs=inputs) as tmp:
         t0 = time.perf_counter()
         write_graphs(model_path, source, analysis, tmp, cache_name=UNCORRECTED)
         names = [cache_name(i) for i in range(len(analysis.region.streams))]
         hw = filter_hw(analysis, spec)
-        data = CalibrationSet(spec, calib_cond, calib_uncond, opts.seed, batched, k)
-        graphs = calibration_graphs(tmp, analysis.io, spec, names, hw)
+        data = CalibrationSet(spec, calib_cond, calib_uncond, opts.seed, batched, k, batch_size=memory.batch_size,
+                              record_budget=memory.record_budget)
+        with _input_model_errors(model_path):
+            graphs = calibration_graphs(tmp, analysis.io, spec, names, hw)
         try:
-            cost_ratio, full_ms, cache_ms = measure_cost_ratio(graphs.plain, data)
+            with _input_model_errors(model_path):  # the first ONNX Runtime load and run of full.onnx
+                cost_ratio, full_ms, cache_ms = measure_cost_ratio(graphs.plain, data)
             try:
                 n_cached = sched.n_cached_for(
                     opts.steps, cache_ratio=opts.cache_ratio if opts.speedup is None else None,
@@ -166,7 +175,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
             graphs.close()
         best = result.best
         tables = result.tables()
-        cache_io = _write_cache_graph(tmp, analysis, spec, names, tables, hw)
+        cache_io = _write_cache_graph(tmp, analysis, spec, names, tables, hw, best.schedule.full)
         full_io = _describe(tmp, "full.onnx", "cache.onnx", analysis.io, names, spec)[0]
         for name in (CALIB_PLAIN, CALIB_FILTERED, UNCORRECTED):
             for path in (tmp / name, tmp / f"{name}.data"):
@@ -178,11 +187,41 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
             full_io=full_io, cache_io=cache_io, max_consecutive=opts.max_consecutive, n_samples=k, seed=opts.seed,
             synthesized_conditioning=cond.synthesized, seconds=time.perf_counter() - t0,
             speed=Speed(cost_ratio, full_ms, cache_ms, predicted, verification.pop("measured_speedup")),
-            verification=Verification(**verification),
+            verification=Verification(**verification), index_ranges=index_ranges(source, analysis.io),
         )
         write_manifest(tmp, manifest)
         _write_report(tmp, manifest, result, tables.masks, cond.synthesized)
     return out_dir
+
+
+def input_paths(model_path: Path, opts: ExportOptions) -> list[Path]:
+    """The files the job reads: the output folder must neither be nor hold one of them."""
+    paths = [model_path, opts.calib]
+    if opts.scheduler and Path(opts.scheduler).is_file():
+        paths.append(Path(opts.scheduler))
+    return [Path(p) for p in paths if p is not None]
+
+
+_ORT_ERRORS = "onnxruntime.capi.onnxruntime_pybind11_state"
+
+
+@contextlib.contextmanager
+def _input_model_errors(model_path: Path):
+    """ONNX Runtime failing on full.onnx (the input model plus one output) is usually the input
+    model's own failure: if ONNX Runtime cannot load the input model either, say so, naming it."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__ != _ORT_ERRORS:
+            raise
+        import onnxruntime as ort
+
+        try:
+            ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        except Exception as own:  # noqa: BLE001 - any failure to load is the model's
+            text = " ".join(str(own).split())
+            raise UserError(f"{model_path}: ONNX Runtime cannot load the input model: {text}") from None
+        raise
 
 
 def _default_cached(opts: ExportOptions) -> int:
@@ -194,6 +233,9 @@ def _default_cached(opts: ExportOptions) -> int:
 CALIB_PLAIN = "calibration.cache.onnx"  # tables as inputs, the uncorrected output exposed
 CALIB_FILTERED = "calibration.cache.filtered.onnx"  # ... with the frequency filter
 VERIFY_TOLERANCE = 1e-3  # max |runtime − calibration| / max |calibration| of the final latents
+SPEED_ROUNDS = 3  # measured speedup: median of this many interleaved cached / uncached sampling runs
+SPEED_METHOD = (f"median of {SPEED_ROUNDS} interleaved sampling runs with and without cache, after a warm-up, "
+                "same seeds and conditions")
 
 
 def _save(model: ir.Model, path: Path) -> None:
@@ -225,14 +267,16 @@ def calibration_graphs(folder: Path, io: list[IOSpec], spec: SamplingSpec, names
 
 
 def _write_cache_graph(folder: Path, analysis: ModelAnalysis, spec: SamplingSpec, names: list[str], tables,
-                       hw: tuple[int, int] | None):
+                       hw: tuple[int, int] | None, schedule_full: np.ndarray):
     """cache.onnx: the uncorrected cache graph with only the parts the chosen correction uses, its
-    tables frozen into constants. Returns its GraphIO."""
+    tables frozen into constants, and the schedule and sampling record in its metadata (the runtime
+    checks the manifest against them: `runtime.graph_check`). Returns its GraphIO."""
     model = build_cache_graph(modelio.load_model(folder / UNCORRECTED), spec.output, names, spec.n_steps,
                               trend=bool(np.any(tables.trend)), blend=bool(np.any(tables.blend)),
                               filter_hw=hw if tables.has_filter else None)
     wanted = {k: v for k, v in tables.inputs().items() if k in {val.name for val in model.graph.inputs}}
     model = freeze_cache_graph(model, wanted)
+    model.metadata_props.update(embedded_metadata(schedule_full, Sampling.from_spec(spec).to_json()))
     _save(model, folder / "cache.onnx")
     del model
     return _describe(folder, "full.onnx", "cache.onnx", analysis.io, names, spec)[1]
@@ -241,21 +285,24 @@ def _write_cache_graph(folder: Path, analysis: ModelAnalysis, spec: SamplingSpec
 def verify_runtime(folder: Path, full_io, cache_io, spec: SamplingSpec, data: CalibrationSet, result) -> dict:
     """The runtime on the exported graphs (tables frozen) against calibration's run of the chosen
     candidate (same dispatch, same seeds and conditions, tables fed): they must agree within
-    VERIFY_TOLERANCE, else the export fails. Also its PSNR against sampling without cache, and speed."""
+    VERIFY_TOLERANCE, else the export fails. Also its PSNR against sampling without cache, and the
+    measured speedup (SPEED_METHOD)."""
     from omnicache_export.runtime.omnicache import OmniCache
 
     # Artifacts are hashed after this check, so the runtime is built from the parts, not the manifest.
     rt = OmniCache.from_files(folder / "full.onnx", folder / "cache.onnx", full_io, cache_io, spec,
                               result.best.schedule.full)
     try:
-        kw = {"batched": data.batched}
-        cached = rt.sample(data.cond, data.uncond, data.seed, **kw)
-        t0 = time.perf_counter()
-        rt.sample(data.cond, data.uncond, data.seed + 1, **kw)
-        t_cached = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rt.sample(data.cond, data.uncond, data.seed + 1, no_cache=True, **kw)
-        t_full = time.perf_counter() - t0
+        kw = {"batched": data.batched, "batch_size": data.batch_size,  # calibration's batches: same numbers, memory
+              "rows": range(data.n_samples)}  # its rows too (a model without conditioning has no row count)
+        cached = rt.sample(data.cond, data.uncond, data.seed, **kw)  # also the warm-up: both graphs ran
+        times: dict[bool, list[float]] = {False: [], True: []}  # no_cache -> seconds per run
+        for r in range(SPEED_ROUNDS):  # interleaved, the order alternating (AB BA AB): drift hits both
+            for no_cache in ((False, True) if r % 2 == 0 else (True, False)):
+                t0 = time.perf_counter()
+                rt.sample(data.cond, data.uncond, data.seed + 1, no_cache=no_cache, **kw)
+                times[no_cache].append(time.perf_counter() - t0)
+        t_cached, t_full = float(np.median(times[False])), float(np.median(times[True]))
     finally:
         rt.close()
     scale = float(np.abs(result.best.final).max()) or 1.0
@@ -303,5 +350,11 @@ def _write_report(folder: Path, manifest: Manifest, result, masks, synthesized: 
         quality=manifest.calibration.quality,
         n_samples=manifest.calibration.n_samples,
         notes=notes,
+        sampling=manifest.sampling.to_json(),
+        engines=[e.key for e in manifest.engines],
+        cut={"method": manifest.model_io.block_region.method, "n_blocks": manifest.model_io.block_region.n_blocks,
+             "streams": [{"cache": t.name, "dtype": t.dtype, "shape": list(t.shape), "entry": st.entry, "exit": st.exit}
+                         for t, st in zip(manifest.model_io.cache_tensors, manifest.model_io.block_region.streams)]},
+        speed_method=SPEED_METHOD if manifest.speed.measured_speedup is not None else None,
     )
     write_report(folder / "report.html", data)

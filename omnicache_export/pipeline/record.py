@@ -4,7 +4,7 @@ Only names and hashes of files go in: the folder's own path and the model's are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,7 @@ def build_manifest(
     speed: mf.Speed,
     verification: mf.Verification,
     engines: Sequence[mf.EngineEntry] = (ONNXRUNTIME_FP32,),
+    index_ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> mf.Manifest:
     """The manifest of the export in `folder` (its graphs written: every engine file and its
     `.data` side file is hashed here).
@@ -54,13 +55,15 @@ def build_manifest(
     (`result.tables()`); full_io / cache_io: `describe_graphs` of the exported graphs;
     max_consecutive: the cached-run limit calibration ran under; n_samples, seed,
     synthesized_conditioning: the calibration set; seconds: calibration's wall time; speed,
-    verification: the measured records; engines: the graph files per backend, device, precision.
+    verification: the measured records; engines: the graph files per backend, device, precision;
+    index_ranges: each integer input's [low, high) embedding rows (`graph.synthetic.index_ranges`),
+    which the runtime checks its inputs against.
     """
     best = result.best
     files = sorted({name for e in engines for name in (e.full, e.cache)})
     return mf.Manifest(
         source=mf.Source(Path(model_path).name, sha256_file(model_path)),
-        model_io=model_io(analysis, spec, full_io),
+        model_io=model_io(analysis, spec, full_io, index_ranges),
         graphs={"full": full_io, "cache": cache_io},
         sampling=mf.Sampling.from_spec(spec),
         timesteps=tuple(float(t) for t in result.timesteps),
@@ -78,9 +81,11 @@ def build_manifest(
     )
 
 
-def model_io(analysis: ModelAnalysis, spec: SamplingSpec, full_io: GraphIO) -> mf.ModelIO:
+def model_io(analysis: ModelAnalysis, spec: SamplingSpec, full_io: GraphIO,
+             index_ranges: Mapping[str, tuple[int, int]] | None = None) -> mf.ModelIO:
     """Inputs with roles, the output, the cache tensors (the full graph's, with the analysis's
-    batch multiples "batch*k" where it found them) and the block stack."""
+    batch multiples "batch*k" where it found them), the block stack, and the integer inputs'
+    embedding ranges."""
     region = analysis.region
     graph_caches = {t.name: t for t in full_io.outputs_of(Feed.CACHE)}
     caches = []
@@ -94,7 +99,9 @@ def model_io(analysis: ModelAnalysis, spec: SamplingSpec, full_io: GraphIO) -> m
         region.method, tuple(mf.CacheStream(s.entry, s.exit) for s in region.streams), dict(region.block_lists),
         region.n_blocks, region.n_blocks_estimated, round(analysis.node_share, 4),
         None if analysis.flop_share is None else round(analysis.flop_share, 4))
-    return mf.ModelIO(tuple(s for s in analysis.io if s.role != "output"), spec.output, tuple(caches), block_region)
+    ranges = {name: (int(low), int(high)) for name, (low, high) in sorted((index_ranges or {}).items())}
+    return mf.ModelIO(tuple(s for s in analysis.io if s.role != "output"), spec.output, tuple(caches), block_region,
+                      ranges)
 
 
 def correction(result: CalibrationResult, tables: CorrectionTables, n_steps: int) -> mf.Correction:

@@ -9,8 +9,8 @@ canvas), never through pyplot: no display is needed and the process-wide backend
 alone (a caller in a notebook keeps its own). If matplotlib is not installed the page is still
 written, with the tables and a note in place of the pictures.
 
-Sections: header (model, steps, chosen schedule and correction, speedup, quality);
-1 trajectory projection; 2 curvature; 3 schedule strip; 4 gammas and coefficients with the
+Sections: header (model, steps, chosen schedule and correction, speedup, quality); the export
+(scheduler, steps, guidance, precision, the block stack and the cut tensors); 1 trajectory projection; 2 curvature; 3 schedule strip; 4 gammas and coefficients with the
 stages; 5 filter masks; 6 candidates; 7 speed; 8 notes.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import base64
 import dataclasses
 import html
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -67,6 +68,14 @@ class ReportData:
     quality: Quality | Mapping[str, Any]
     notes: list = dataclasses.field(default_factory=list)
     n_samples: int | None = None  # calibration samples the quality was measured on
+    # What was exported, as the manifest states it (empty: not shown). sampling: the manifest's
+    # `sampling` record (scheduler config, n_steps, guidance_scale ...); engines: engine keys
+    # ("onnxruntime/any/fp32"); cut: {"method", "n_blocks", "streams": [{"cache", "dtype", "shape",
+    # "entry", "exit"}]} from `model_io.block_region` and `model_io.cache_tensors`.
+    sampling: dict = dataclasses.field(default_factory=dict)
+    engines: list = dataclasses.field(default_factory=list)
+    cut: dict = dataclasses.field(default_factory=dict)
+    speed_method: str | None = None  # how measured_speedup was measured ("median of 3 interleaved runs")
 
     @classmethod
     def example(cls, n_steps: int = 20, k: int = 3, seed: int = 0) -> "ReportData":
@@ -148,6 +157,14 @@ class ReportData:
             quality=Quality(psnr_db_mean=45.3, psnr_db_min=41.7, rmse=0.011),
             notes=["EXAMPLE report: all numbers were fabricated by ReportData.example()."],
             n_samples=k,
+            sampling={"scheduler": {"_class_name": "DDIMScheduler", "steps_offset": 1, "clip_sample": False},
+                      "n_steps": n, "guidance_scale": 4.0, "timestep_scale": 1.0, "latent": "hidden_states",
+                      "latent_shape": [4, 32, 32], "latent_dtype": "float32", "learned_sigma": True},
+            engines=["onnxruntime/any/fp32"],
+            cut={"method": "module scopes (torchscript)", "n_blocks": 28,
+                 "streams": [{"cache": "omnicache_cache", "dtype": "FLOAT", "shape": ["batch", 256, 1152],
+                              "entry": "/pos_embed/Add_output_0", "exit": "/transformer_blocks.27/Add_3_output_0"}]},
+            speed_method="median of 3 interleaved runs (EXAMPLE)",
         )
 
 
@@ -459,31 +476,36 @@ def _sorted_candidates(cands: list) -> list[dict]:
     return sorted([c for c in (cands or []) if isinstance(c, dict)], key=key)
 
 
-def _cand_label(c: dict) -> str:
-    s = f"{c.get('schedule', '?')} | {c.get('correction', '?')}"
-    return s if len(s) <= 72 else s[:70] + "…"
+def cand_id(index: int) -> str:
+    """The short id of the candidate in row `index` (0-based) of the report's candidate table: the
+    bar chart is labelled with it, and the table is its legend (full names are too long for a label)."""
+    return f"#{index + 1}"
 
 
 def _plot_candidates(cands: list[dict], max_rows: int = 30):
-    rows = [(c, _num(c.get("psnr_db"))) for c in cands]
-    rows = [(c, v) for c, v in rows if v is not None and math.isfinite(v)][:max_rows]
+    rows = [(cand_id(j), c, _num(c.get("psnr_db"))) for j, c in enumerate(cands)]
+    rows = [(k, c, v) for k, c, v in rows if v is not None and math.isfinite(v)][:max_rows]
     if not rows:
         return None
     nr = len(rows)
-    fig = _new_figure(FIG_W + 1.0, max(1.6, 0.28 * nr + 0.9))
+    fig = _new_figure(FIG_W, max(1.6, 0.22 * nr + 0.9))
     ax = fig.add_subplot()
     y = np.arange(nr)
-    vals = np.array([v for _, v in rows])
-    cols = [CHOSEN_COLOR if c.get("chosen") else "#7a9cc6" for c, _ in rows]
+    vals = np.array([v for _, _, v in rows])
+    cols = [CHOSEN_COLOR if c.get("chosen") else "#7a9cc6" for _, c, _ in rows]
     ax.barh(y, vals, color=cols)
     ax.set_yticks(y)
-    ax.set_yticklabels([("★ " if c.get("chosen") else "") + _cand_label(c) for c, _ in rows], fontsize=7)
+    ax.set_yticklabels([k + (" ★" if c.get("chosen") else "") for k, c, _ in rows], fontsize=7)
+    ax.set_ylabel("candidate (# in the table)", fontsize=8)
+    rows = [(c, v) for _, c, v in rows]
     ax.invert_yaxis()
     lo, hi = float(vals.min()), float(vals.max())
     pad = max(1.0, 0.15 * (hi - lo))
-    ax.set_xlim(max(0.0, lo - pad) if lo > 0 else lo - pad, hi + pad)
-    for yi, v in zip(y, vals):
-        ax.text(v, yi, f" {v:.2f}", va="center", fontsize=7)
+    ax.set_xlim(max(0.0, lo - pad) if lo > 0 else lo - pad, hi + 2.5 * pad)  # room for the value labels
+    counts = len({(c.get("n_full"), c.get("n_cached")) for c, _ in rows}) > 1  # the step counts, where they differ
+    for yi, (c, v) in zip(y, rows):
+        steps = f"  {c.get('n_full', '?')}F/{c.get('n_cached', '?')}C" if counts else ""
+        ax.text(v, yi, f" {v:.2f}{steps}", va="center", fontsize=7)
     ax.set_xlabel("PSNR vs full sampling (dB), higher is better", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
@@ -527,6 +549,61 @@ def _figure_html(make: Callable[[], Any], alt: str, caption: str, empty: str, st
     except Exception as exc:
         return f"<p class='warn'>plot failed: {_esc(type(exc).__name__)}: {_esc(exc)}</p>"
     return _img(uri, alt) + f"<p class='caption'>{_esc(caption)}</p>"
+
+
+def _scheduler_text(config: Any) -> tuple[str, str]:
+    """(class name, its other settings as `key=value, ...`) of a diffusers scheduler config."""
+    if not isinstance(config, Mapping):
+        return str(config) if config else "–", ""
+    name = str(config.get("_class_name", "?"))
+    rest = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in config.items() if not str(k).startswith("_"))
+    return name, rest
+
+
+def _setup_html(d: ReportData) -> str:
+    """What was exported and sampled: scheduler, steps, guidance, precision, the cut tensors."""
+    s, cut = dict(d.sampling or {}), dict(d.cut or {})
+    if not s and not cut and not d.engines:
+        return ""
+    rows = []
+
+    def row(k: str, v_html: str) -> None:
+        rows.append(f"<tr><th>{_esc(k)}</th><td>{v_html}</td></tr>")
+
+    if s:
+        name, rest = _scheduler_text(s.get("scheduler"))
+        row("scheduler", f"<code>{_esc(name)}</code>" + (f" <span class='muted'>({_esc(rest)})</span>" if rest else ""))
+        row("steps", _fmt(s.get("n_steps", d.n_steps)))
+        g = _num(s.get("guidance_scale"))
+        row("guidance scale", _fmt(g, ".4g") + ("" if g is None or g != 1.0 else " (no guidance)"))
+        if _num(s.get("timestep_scale")) not in (None, 1.0):
+            row("timestep scale", _fmt(s.get("timestep_scale"), ".4g"))
+        latent = s.get("latent")
+        if latent is not None:
+            shape = "×".join(str(x) for x in s.get("latent_shape") or [])
+            row("latent", f"<code>{_esc(latent)}</code> {_esc(shape)} {_esc(s.get('latent_dtype', ''))}"
+                + (", learned sigma" if s.get("learned_sigma") else ""))
+    if d.engines:
+        precisions = sorted({str(k).rsplit("/", 1)[-1] for k in d.engines})
+        row("precision", _esc(", ".join(precisions))
+            + f" <span class='muted'>(engines: {_esc(', '.join(str(k) for k in d.engines))})</span>")
+    if cut:
+        blocks = cut.get("n_blocks")
+        row("block stack", _esc(cut.get("method", "?")) + (f", {_fmt(blocks)} blocks" if blocks is not None else ""))
+    out = "<section><h2>Export</h2><table class='kv'>" + "".join(rows) + "</table>"
+    streams = list(cut.get("streams") or [])
+    if streams:
+        out += ("<p>cut tensors: the cache graph skips the block stack between each stream's entry h_0 and "
+                "exit h_L and reads the cache tensor instead</p><table><tr><th>cache tensor</th><th>dtype</th>"
+                "<th>shape</th><th>stack entry (h_0)</th><th>stack exit (h_L)</th></tr>")
+        for st in streams:
+            shape = "[" + ", ".join(str(x) for x in st.get("shape") or []) + "]"
+            entry = st.get("entry")
+            out += (f"<tr><td><code>{_esc(st.get('cache', ''))}</code></td><td>{_esc(st.get('dtype', ''))}</td>"
+                    f"<td>{_esc(shape)}</td><td>{'<code>' + _esc(entry) + '</code>' if entry else '(none: h_L itself is cached)'}"
+                    f"</td><td><code>{_esc(st.get('exit', ''))}</code></td></tr>")
+        out += "</table>"
+    return out + "</section>"
 
 
 def _card(k: str, v_html: str) -> str:
@@ -577,6 +654,7 @@ def render_html(data: ReportData) -> str:
     add("</div>")
     if d.notes:
         add(f"<p class='warn'>{len(d.notes)} note(s), see <a href='#notes'>Notes</a>.</p>")
+    add(_setup_html(d))
 
     # 1 trajectory
     add("<section><h2>1. Trajectory (3-D PCA projection)</h2>")
@@ -636,14 +714,15 @@ def render_html(data: ReportData) -> str:
             "<th>PSNR (dB)</th><th>RMSE</th><th>chosen</th></tr>")
         for j, cd in enumerate(cands):
             cls = " class='chosen'" if cd.get("chosen") else ""
-            add(f"<tr{cls}><td class='n'>{j + 1}</td><td>{_esc(cd.get('schedule', ''))}</td>"
+            add(f"<tr{cls}><td class='n'>{cand_id(j)}</td><td>{_esc(cd.get('schedule', ''))}</td>"
                 f"<td>{_esc(cd.get('correction', ''))}</td><td class='n'>{_fmt(cd.get('n_full'))}</td>"
                 f"<td class='n'>{_fmt(cd.get('n_cached'))}</td><td class='n'>{_fmt(cd.get('psnr_db'), '.2f')}</td>"
                 f"<td class='n'>{_fmt(cd.get('rmse'), '.3g')}</td><td>{'✔' if cd.get('chosen') else ''}</td></tr>")
         add("</table><p class='caption'>Sorted by PSNR against full sampling on the calibration samples; "
             "the chosen row is highlighted.</p>")
         add(_figure_html(lambda: _plot_candidates(cands), "candidate PSNR",
-                         "PSNR per candidate (at most 30 shown), chosen candidate in red.",
+                         "PSNR per candidate (at most 30 shown), labelled by its # in the table above "
+                         "(and its full / cached step counts where they differ); chosen candidate in red (★).",
                          "no finite PSNR to plot", state))
     else:
         add("<p class='muted'>no candidates were recorded</p>")
@@ -659,7 +738,8 @@ def render_html(data: ReportData) -> str:
     if pred is not None and pred_formula is not None and _num(pred) is not None and \
             abs(float(_num(pred)) - pred_formula) > 5e-3 * max(1.0, pred_formula):
         add(f"<tr><th>predicted (as reported by calibration)</th><td class='n'>{_fmt(pred, '.2f', '×')}</td></tr>")
-    add(f"<tr><th>measured</th><td class='n'>{_fmt(measured, '.2f', '×') if measured is not None else 'not measured'}</td></tr>")
+    how = f" ({_esc(d.speed_method)})" if d.speed_method and measured is not None else ""
+    add(f"<tr><th>measured{how}</th><td class='n'>{_fmt(measured, '.2f', '×') if measured is not None else 'not measured'}</td></tr>")
     if n:
         add(f"<tr><th>ideal (cached steps free)</th><td class='n'>{_fmt(predicted_speedup(f, 0.0), '.2f', '×')}</td></tr>")
     add("</table>")

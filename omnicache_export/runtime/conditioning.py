@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,14 +69,41 @@ def _check_array(source: str, key: str, spec: IOSpec, array: np.ndarray, batched
         raise UserError(f"{source}: {key!r} holds NaN or infinite values")
 
 
-def load_conditioning(path: str | Path, io: list[IOSpec], guidance: bool) -> Conditioning:
+def check_indices(source: str | None, cond: Mapping[str, np.ndarray], uncond: Mapping[str, np.ndarray],
+                  ranges: Mapping[str, Sequence[int]] | None) -> None:
+    """Integer inputs against the embedding table each indexes (`ranges`: name -> [low, high), as
+    the manifest's `model_io.index_ranges` holds them): every value in range, else UserError naming
+    the input, the first bad value, its sample and the range. A negative class label is refused
+    (ONNX Gather would wrap it to the table's last rows: DiT's -1 is its null class)."""
+    for name, (low, high) in (ranges or {}).items():
+        for key, arrays in ((name, cond), (UNCOND + name, uncond)):
+            array = arrays.get(name)
+            if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.integer):
+                continue  # synthesized rows are drawn inside the table
+            bad = (array < low) | (array >= high)
+            if bad.any():
+                at = np.argwhere(bad)[0] if array.ndim else ()
+                where = f"{source}: {key!r}" if source else f"input {key!r}"
+                sample = f" at sample {int(at[0])}" if array.ndim else ""
+                raise UserError(f"{where} holds {int(array[tuple(at)])}{sample}: outside the embedding table's "
+                                f"valid range [{low}, {high})")
+
+
+def load_conditioning(path: str | Path, io: list[IOSpec], guidance: bool,
+                      index_ranges: Mapping[str, Sequence[int]] | None = None) -> Conditioning:
+    """The npz at `path`, checked against the model's inputs (names, dtypes, shapes, finite floats,
+    one sample count) and, with `index_ranges`, its integer inputs against their embedding tables."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array: no input names
+            raise UserError(f"{path}: a single .npy array, not an .npz of arrays keyed by input name "
+                            "(write it with numpy.savez(path, NAME=array, ...))")
+        with data:
             arrays = {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from None
     batched = batched_inputs(io)
     cond, uncond, counts = {}, {}, set()
@@ -97,4 +125,5 @@ def load_conditioning(path: str | Path, io: list[IOSpec], guidance: bool) -> Con
     n = counts.pop() if counts else 1
     if n < 1:
         raise UserError(f"{path}: holds no samples")
+    check_indices(str(path), cond, uncond, index_ranges)
     return Conditioning(cond, uncond, n)

@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from omnicache_export.errors import UserError
 from omnicache_export.runtime.dispatch import CacheState, StepDispatch
-from omnicache_export.runtime.sampler import Denoiser, SamplingSpec, batched_feeds, to_torch
+from omnicache_export.runtime.sampler import Denoiser, SamplingSpec, batched_feeds, check_seed, to_torch
 
 
 class StepRecord:
@@ -107,6 +108,40 @@ def row_batches(rows: Sequence[int], size: int, static: bool):
         yield pos, (pos + [pos[-1]] * (size - len(pos)) if static else pos)
 
 
+class NonFiniteSamples(UserError):
+    """Sampling ended with NaN or infinite latents: which rows, and the first step whose latents
+    went non-finite (its output, at that step, overflowed or was already NaN)."""
+
+    def __init__(self, rows: Sequence[int], n_rows: int, step: int | None, n_steps: int):
+        self.rows, self.step = list(rows), step
+        shown = ", ".join(map(str, self.rows[:8])) + (f" … ({len(self.rows)} rows)" if len(self.rows) > 8 else "")
+        at = f"from step {step} of {n_steps}" if step is not None else "at the end"
+        super().__init__(f"sampling went non-finite (NaN or inf) in row{'s' if len(self.rows) > 1 else ''} {shown} "
+                         f"of {n_rows}, {at}: the model's output overflowed (check the conditioning's scale)")
+
+
+def first_non_finite_step(gen: Generation, rows: torch.Tensor) -> int | None:
+    """Replay `gen` (a fresh generation of the failed batch, same feeds and noise) to find the first
+    step after which the latents of `rows` (a bool mask over its first rows) are not all finite.
+
+    Only run once a batch has ended non-finite: the sampling loop itself checks the final latents
+    alone, on the host copy it makes anyway, so a finite run pays no device->host sync per step
+    (a per-step `isfinite(x).all()` would be one sync per step; a device-side flag, a reduction per
+    step). The replay is deterministic: the same dispatch, feeds and initial noise."""
+    mask = torch.zeros(len(gen.x), dtype=torch.bool)
+    mask[: len(rows)] = rows
+    mask = mask.to(gen.x.device)
+    try:
+        while not gen.done:
+            i = gen.i
+            x = gen.step()
+            if not bool(torch.isfinite(x[mask]).all()):
+                return i
+    finally:
+        gen.close()
+    return None
+
+
 class Sampled:
     """The result of `sample_rows`: final latents (numpy), step counts, and trajectories if recorded."""
 
@@ -121,12 +156,17 @@ def sample_rows(
     no_cache: bool = False, tables: Mapping[str, torch.Tensor] | None = None,
     observer: Callable[[int], Observer | None] | None = None, record: bool = False, uncorrected: bool = False,
     on_batch: Callable[[Generation], None] | None = None,
+    on_trajectory: Callable[[int, np.ndarray], None] | None = None, check_finite: bool = True,
 ) -> Sampled:
     """Sample every row of `cond` (arrays with the sample axis first for the inputs in `batched`,
     default all; the others whole). Row r (r = `rows[k]`, default k) starts from the noise of
     (seed, r): the same sample whatever the batching. `batch_size`: rows per generation (default:
     all; the export's static batch, where it fixed one, overrides it). `observer(b)`: the observer of
-    batch b's generation."""
+    batch b's generation. With `record`, `on_trajectory(b, trajectories)` takes each batch's
+    trajectories [rows, N+1, ...] instead of their being kept (memory stays one batch's).
+    `check_finite`: a batch whose final latents are not all finite raises `NonFiniteSamples`
+    (a UserError naming the rows and the first step that went non-finite)."""
+    check_seed(seed)
     batched = set(cond) if batched is None else batched
     counts = {len(v) for k, v in cond.items() if k in batched}
     if len(counts) > 1:
@@ -142,19 +182,32 @@ def sample_rows(
     full = cached = 0
     for b, (pos, padded) in enumerate(row_batches(rows, size, static)):
         pick = lambda d: {k: (v[padded] if k in batched else v) for k, v in d.items()}  # noqa: E731
+        feeds = to_torch(pick(cond), dispatch.device), to_torch(pick(uncond), dispatch.device)
         x0 = den.initial_latents([rows[p] for p in padded], seed)
-        gen = Generation(dispatch, spec, full_steps, to_torch(pick(cond), dispatch.device),
-                         to_torch(pick(uncond), dispatch.device), x0, no_cache=no_cache, tables=tables,
+        gen = Generation(dispatch, spec, full_steps, *feeds, x0, no_cache=no_cache, tables=tables,
                          observer=observer(b) if observer else None, record=record, uncorrected=uncorrected)
         try:
             gen.run()
-            if on_batch is not None:
+            final = gen.x[: len(pos)].cpu().numpy()  # the one device->host copy of the batch
+            finite = not check_finite or bool(np.isfinite(final).all())
+            if finite and on_batch is not None:
                 on_batch(gen)
         finally:
             gen.close()
-        finals.append(gen.x[: len(pos)].cpu().numpy())
+        if not finite:
+            bad = ~np.isfinite(final).reshape(len(pos), -1).all(axis=1)
+            replay = Generation(dispatch, spec, full_steps, *feeds, x0, no_cache=no_cache, tables=tables)
+            raise NonFiniteSamples([rows[p] for p, flag in zip(pos, bad) if flag], len(rows),
+                                   first_non_finite_step(replay, torch.from_numpy(bad)), spec.n_steps)
+        finals.append(final)
         if record:
-            trajs.append(torch.stack(gen.trajectory, dim=1)[: len(pos)].cpu().numpy())
+            traj = torch.stack(gen.trajectory, dim=1)[: len(pos)].cpu().numpy()
+            if on_trajectory is not None:
+                on_trajectory(b, traj)
+            else:
+                trajs.append(traj)
+            del traj
+            gen.trajectory = None
         full += gen.full_steps
         cached += gen.cached_steps
-    return Sampled(np.concatenate(finals), full, cached, np.concatenate(trajs) if record else None)
+    return Sampled(np.concatenate(finals), full, cached, np.concatenate(trajs) if record and trajs else None)

@@ -142,13 +142,14 @@ def _decode_record(cls: type, value: Any, path: str) -> Any:
         raise SchemaError(path, f"expected an object, got {_json_type(value)}")
     fields, hints = _fields(cls), typing.get_type_hints(cls)
     names = [f.name for f in fields]
-    missing = [n for n in names if n not in value]
+    optional = {f.name for f in fields if f.metadata.get("optional")}  # may be absent: its default
+    missing = [n for n in names if n not in value and n not in optional]
     if missing:
         raise SchemaError(_key(path, missing[0]), "missing key")
     extra = [k for k in value if k not in names]
     if extra:
         raise SchemaError(_key(path, extra[0]), f"unknown key (manifest version {VERSION} has no such field)")
-    return cls(**{n: _decode(hints[n], value[n], _key(path, n)) for n in names})
+    return cls(**{n: _decode(hints[n], value[n], _key(path, n)) for n in names if n in value})
 
 
 def _encode(hint: Any, value: Any) -> Any:
@@ -238,6 +239,9 @@ class ModelIO(_Record):
     output: str
     cache_tensors: tuple[CacheTensor, ...]
     block_region: BlockRegion
+    # integer input -> [low, high): the rows of the embedding table it indexes (class labels), checked
+    # by the runtime before sampling. Optional (manifests written before it lack it: no check).
+    index_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict, metadata={"optional": True})
 
 
 @record
@@ -526,6 +530,13 @@ def _check_io(m: Manifest) -> None:
             raise SchemaError(f"model_io.inputs[{i}].role", f"{spec.role!r} is not an input role")
     if len(set(names)) != len(names):
         raise SchemaError("model_io.inputs", "duplicate input names")
+    dtypes = {s.name: s.dtype for s in io.inputs}
+    for name, (low, high) in io.index_ranges.items():
+        path = _key("model_io.index_ranges", name)
+        if name not in dtypes or not dtypes[name].startswith(("INT", "UINT")):
+            raise SchemaError(path, f"{name!r} is not an integer model input")
+        if not 0 <= low < high:
+            raise SchemaError(path, f"[{low}, {high}) is not a range of table rows")
     for key in ("latent", "timestep"):
         name = getattr(m.sampling, key)
         if name is not None and name not in names:
@@ -655,6 +666,9 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600: the manifest gets the user's umask like the graphs
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

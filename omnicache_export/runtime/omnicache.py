@@ -42,12 +42,17 @@ class OmniCache:
     @classmethod
     def load(cls, out_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
              precision: str | None = None, **settings) -> OmniCache:
-        """Read the manifest (refusing unknown versions, bad schemas and changed files) and load the
-        engines of `backend` for `device` (and `precision`, where it holds several)."""
+        """Read the manifest (refusing unknown versions, bad schemas and changed files), check what
+        it says against the graphs (`runtime.graph_check`: IO, schedule, sampling, correction tables)
+        and load the engines of `backend` for `device` (and `precision`, where it holds several)."""
+        from omnicache_export.runtime.graph_check import check_graphs
         from omnicache_export.runtime.manifest import read_manifest
+        from omnicache_export.runtime.sampler import timesteps_of
 
         manifest = read_manifest(out_dir)
         full, cache = manifest.engine_paths(backend, device, precision)
+        if full.suffix == cache.suffix == ".onnx":  # graphs it can read (a compiled engine file is opaque here)
+            check_graphs(manifest, full, cache, timesteps_of(manifest.sampling_spec()))
         rt = cls.from_files(full, cache, manifest.graphs["full"], manifest.graphs["cache"],
                             manifest.sampling_spec(), np.array(manifest.schedule.full, dtype=bool),
                             backend, device, **settings)
@@ -64,6 +69,7 @@ class OmniCache:
         row r's noise from (seed, r). Close it when done."""
         from omnicache_export.runtime.sampler import Denoiser
 
+        self.check_inputs(cond, uncond)
         x0 = Denoiser(self.spec, self.device).initial_latents(list(rows), seed)
         return Generation(self.dispatch, self.spec, self.full_steps, to_torch(cond, self.device),
                           to_torch(uncond, self.device), x0, no_cache=no_cache)
@@ -75,8 +81,22 @@ class OmniCache:
         return self.run(cond, uncond, seed, rows=rows, no_cache=no_cache, batched=batched, batch_size=batch_size).final
 
     def run(self, cond, uncond, seed: int = 0, **kwargs) -> Sampled:
-        """`sample`, with the step counts."""
+        """`sample`, with the step counts. Refuses (UserError) integer inputs outside the embedding
+        table the manifest records for them, and a result that went non-finite (naming the rows and
+        the step)."""
+        self.check_inputs(cond, uncond)
         return sample_rows(self.dispatch, self.spec, self.full_steps, cond, uncond, seed, **kwargs)
+
+    @property
+    def index_ranges(self) -> dict[str, tuple[int, int]]:
+        """The manifest's [low, high) per integer input (the rows of the table it indexes); {} without one."""
+        return dict(self.manifest.model_io.index_ranges) if self.manifest is not None else {}
+
+    def check_inputs(self, cond: Mapping[str, np.ndarray], uncond: Mapping[str, np.ndarray]) -> None:
+        """Integer conditioning within its embedding table (`conditioning.check_indices`), else UserError."""
+        from omnicache_export.runtime.conditioning import check_indices
+
+        check_indices(None, cond, uncond, self.index_ranges)
 
     def close(self) -> None:
         self.dispatch.close()

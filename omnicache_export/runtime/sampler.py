@@ -64,6 +64,67 @@ def make_scheduler(config: dict):
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
+# Steps a scheduler is asked for, at most: its `num_train_timesteps` (this where it states none).
+# A discrete (β-schedule) scheduler cannot make more distinct timesteps than it was trained on; a
+# flow scheduler's sigmas are continuous, so its num_train_timesteps is a stated cap there (more
+# steps than the model's training discretization only add time; the schedule search and the
+# manifest's per-step tables grow with the step count).
+DEFAULT_MAX_STEPS = 1000
+
+
+def max_steps(scheduler) -> int:
+    """The most steps `scheduler` is asked for: its num_train_timesteps (DEFAULT_MAX_STEPS without one)."""
+    train = getattr(scheduler, "config", {}).get("num_train_timesteps")
+    return int(train) if isinstance(train, int) and train > 0 else DEFAULT_MAX_STEPS
+
+
+def _is_discrete(scheduler) -> bool:
+    """A β-schedule scheduler (DDIM, DPM-Solver, Euler ...): it indexes its training timesteps."""
+    return getattr(scheduler, "alphas_cumprod", None) is not None
+
+
+def timesteps_problem(scheduler, n_steps: int) -> str | None:
+    """Why the timesteps `scheduler.set_timesteps(n_steps)` made cannot be sampled (None: they can):
+    not n_steps of them; for a discrete scheduler, duplicates or one outside [0, num_train_timesteps)."""
+    t = scheduler.timesteps
+    if len(t) != n_steps:
+        return f"it made {len(t)} timesteps"
+    if _is_discrete(scheduler):
+        train = len(scheduler.alphas_cumprod)
+        if float(t.max()) >= train or float(t.min()) < 0:
+            return f"its timesteps reach {float(t.max()):g}, outside its {train} training timesteps [0, {train})"
+        if len(set(t.tolist())) != len(t):
+            return "its timesteps repeat"
+    return None
+
+
+def check_steps(config: dict, n_steps: int, flag: str = "--steps") -> None:
+    """Refuse (UserError, one line naming the scheduler) a step count the scheduler cannot sample:
+    above `max_steps` (its num_train_timesteps), or timesteps it cannot use (see `timesteps_problem`;
+    DDIM with steps_offset 1 takes 999 of its 1000). Run before any work."""
+    scheduler = make_scheduler(config)
+    name = config["_class_name"]
+    limit = max_steps(scheduler)
+    reason = (f"it has {limit} training timesteps" if _is_discrete(scheduler)
+              else f"a flow scheduler is capped at its num_train_timesteps, {limit}")
+    if not 1 <= n_steps <= limit:
+        raise UserError(f"{flag} {n_steps}: {name} takes 1 to {limit} steps ({reason})")
+
+    def problem(n: int) -> str | None:
+        try:
+            scheduler.set_timesteps(n)
+        except Exception as exc:  # noqa: BLE001 - diffusers' own refusal, named below
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return timesteps_problem(scheduler, n)
+
+    why = problem(n_steps)
+    if why is None:
+        return
+    fits = next((n for n in range(n_steps - 1, max(0, n_steps - 64), -1) if problem(n) is None), None)
+    advice = f": use at most {fits}" if fits else ""
+    raise UserError(f"{flag} {n_steps}: {name} cannot sample {n_steps} steps ({why}){advice}")
+
+
 @dataclasses.dataclass
 class SamplingSpec:
     """Everything that fixes a sampling run besides the model, the inputs and the seed."""
@@ -99,12 +160,19 @@ class SamplingSpec:
         return cls(**data)
 
 
+def check_seed(seed) -> None:
+    """A noise seed is an integer >= 0 (numpy's SeedSequence takes nothing else): UserError otherwise."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise UserError(f"seed {seed!r}: must be an integer >= 0")
+    if seed < 0:
+        raise UserError(f"seed {seed}: must be >= 0")
+
+
 def initial_noise(spec: SamplingSpec, seed: int, rows: int | Sequence[int]) -> np.ndarray:
     """The initial noise of each row, before the scheduler's `init_noise_sigma`: row r's is
     `numpy.random.default_rng([seed, r]).standard_normal(latent_shape, dtype=float32)`. Drawn on the
     host, so every device and batch size starts from the same latents."""
-    if seed < 0:
-        raise UserError(f"seed {seed}: must be >= 0")
+    check_seed(seed)
     rows = range(rows) if isinstance(rows, int) else rows
     shape = tuple(spec.latent_shape)
     return np.stack([np.random.default_rng([seed, int(r)]).standard_normal(shape, dtype=np.float32) for r in rows])
@@ -122,8 +190,9 @@ class Denoiser:
         self.scheduler = make_scheduler(spec.scheduler)
         self.scheduler.set_timesteps(spec.n_steps)
         self.timesteps = self.scheduler.timesteps.clone()
-        if len(self.timesteps) != spec.n_steps:
-            raise UserError(f"the scheduler made {len(self.timesteps)} timesteps for --steps {spec.n_steps}")
+        problem = timesteps_problem(self.scheduler, spec.n_steps)
+        if problem:
+            raise UserError(f"{spec.scheduler['_class_name']} cannot sample {spec.n_steps} steps ({problem})")
         self._scales_input = hasattr(self.scheduler, "scale_model_input")
         self._timestep_feeds: dict[int, list] = {}
 

@@ -111,15 +111,20 @@ def _rename_dim(proto: onnx.ModelProto, old: str, new: str) -> None:
 
 
 def _save(proto: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    """Write the model (and its weights file) atomically: under a temporary name beside `path`,
+    renamed at the end, nothing left on failure (a full disk included)."""
+    from omnicache_export.outputs import atomic_output_files
+
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()  # onnx appends to an existing data file
-    if external_data:
-        onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data.name, size_threshold=0)
-    else:
-        onnx.save(proto, path)
+    with atomic_output_files(path, data, force=True) as tmp:  # a fresh folder: onnx appends to no old data file
+        if external_data:
+            onnx.save(proto, tmp / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data.name, size_threshold=0)
+        else:
+            onnx.save(proto, tmp / path.name)
+    if not external_data and data.exists():
+        data.unlink()  # an earlier export's weights, not this model's
 
 
 @contextlib.contextmanager
