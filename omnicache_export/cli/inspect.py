@@ -25,7 +25,7 @@ def run(a: argparse.Namespace) -> int:
     common.input_file(a.model, "an ONNX file")
     if a.output is not None:
         outputs.check_output_file(a.output, force=a.force, inputs=[a.model])  # before any work
-    model = modelio.load_model(a.model)
+    model = modelio.load_user_model(a.model)  # with the known exporter traps repaired, as the main job sees it
     analysis = analyze(model, a.latent, a.timestep, a.region_start, a.region_end, common.parse_dims(a.input_shape))
     print(analysis.summary())
     if a.output is not None:

@@ -45,14 +45,28 @@ def load_user_model(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            yield value.const_value
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+def _graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """The graph and every subgraph in it (If branches, Loop and Scan bodies), nested ones too."""
+    yield graph
+    for node in ir.traversal.RecursiveGraphIterator(graph):
         for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+            if attr.type == ir.AttributeType.GRAPH:
                 yield attr.value
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from attr.value
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every tensor stored outside the file: initializers of the graph and of its subgraphs, and
+    tensor attributes (Constant values) anywhere."""
+    for graph in _graphs(model.graph):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    yield attr.value
 
 
 def check_external_data(model: ir.Model, base_dir: Path) -> None:
