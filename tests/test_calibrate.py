@@ -138,3 +138,14 @@ def test_corrected_errors_vanish_for_linear_outputs(tmp_path):
         assert cost(4, 3, -1) > 1e-6 * scale  # no trend yet: the stale output's error remains
     finally:
         graphs.close()
+
+
+def test_a_non_finite_candidate_never_wins():
+    import math
+
+    from omnicache_export.calibration.calibrate import Candidate
+    from omnicache_export.calibration.schedule import Schedule
+
+    s = Schedule(np.array([True, False, True]))
+    nan, good = (Candidate(s, Correction.none(3), psnr_db=v) for v in (math.nan, 30.0))
+    assert max([nan, good], key=lambda c: c.rank) is good and nan.rank == -math.inf

@@ -113,6 +113,11 @@ class Candidate:
     rmse: float = float("nan")
     final: np.ndarray | None = None
 
+    @property
+    def rank(self) -> float:
+        """What candidates are chosen by: the mean PSNR, a non-finite run (NaN) last."""
+        return self.psnr_db if np.isfinite(self.psnr_db) or self.psnr_db == np.inf else -np.inf
+
     def to_json(self) -> dict:
         return {
             "schedule": self.schedule.name,
@@ -268,9 +273,9 @@ class Scorer:
                          float(np.sqrt(np.mean((final - self.reference) ** 2))), final)
         # Only the best so far keeps its final latents (verification needs the chosen one's): K
         # samples' latents per candidate would grow with --num-calib times the candidate count.
-        # `max` keeps the first of equals and never moves to a NaN: the same rule as here.
+        # `max` by `rank` keeps the first of equals: the same rule as here.
         best = next((c for c in self.candidates if c.final is not None), None)
-        if best is None or cand.psnr_db > best.psnr_db:
+        if best is None or cand.rank > best.rank:
             if best is not None:
                 best.final = None
         else:
@@ -327,7 +332,7 @@ def refinements(scorer: Scorer, top: Candidate, plan: CalibrationPlan, n: int, p
         for m in tqdm([m for m in MIXES if m != top.correction.blend], desc="calibration: mix", disable=not progress):
             scorer.score(s, Correction.mixed(m, n))
         best_mix = max((c for c in scorer.candidates if c.schedule is s and c.correction.has_trend),
-                       key=lambda c: c.psnr_db).correction.blend
+                       key=lambda c: c.rank).correction.blend
         refine = [Correction.mixed(best_mix, n, g) for g in GAMMA_SCALES]
         refine += [Correction.mixed(best_mix, n, g, name=f"cache trend, mix {best_mix:g}, gamma={label}")
                    for g, label in zip(stage, stage_names)]
@@ -389,7 +394,7 @@ def calibrate(graphs: CalibrationGraphs, data: CalibrationSet, plan: Calibration
         scorer.score(s, corr)
 
     corrected = [c for c in scorer.candidates if not c.correction.is_none]
-    top = max(corrected, key=lambda c: c.psnr_db) if corrected else None
+    top = max(corrected, key=lambda c: c.rank) if corrected else None
     if (top is not None and plan.correction in (CorrectionSearch.GAMMA, CorrectionSearch.AUTO) and plan.fit_gamma
             and top.schedule.n_cached):
         for corr in predictors.values():  # every predictor on the top schedule: the ablation is in the report
@@ -398,7 +403,7 @@ def calibrate(graphs: CalibrationGraphs, data: CalibrationSet, plan: Calibration
         for corr in tqdm(refinements(scorer, top, plan, n, progress), desc="calibration: corrections",
                          disable=not progress):
             scorer.score(top.schedule, corr)
-    best = max(scorer.candidates, key=lambda c: c.psnr_db)
+    best = max(scorer.candidates, key=lambda c: c.rank)
     return CalibrationResult(timesteps, ref.curvature, best, scorer.candidates,
                              extrapolation_ratios(best.schedule.full, timesteps), ref.final, filter_hw)
 
