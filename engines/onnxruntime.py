@@ -147,7 +147,7 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, engine: OnnxRuntimeEngine):
         super().__init__(engine)
         self._binding = engine.session.io_binding()
-        self._bound: list[tuple] = []  # (name, pointer, shape) of what the binding holds
+        self._bound: tuple[dict, dict] = ({}, {})  # name -> (pointer, shape) the binding holds: inputs, outputs
 
     def output_shapes(self, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
         """ONNX Runtime has no shape query: the graph's declared output shapes where they are all
@@ -209,16 +209,23 @@ class OnnxRuntimeRunner(Runner):
                 result[name] = outputs[name]
             else:
                 result[name] = torch.empty(shapes[name], dtype=specs[name].dtype, device=engine.device)
-        ins = [(spec.name, feeds[spec.name]) for spec in engine.inputs]
-        bound = [(name, tensor.data_ptr(), tensor.shape) for name, tensor in (*ins, *result.items())]
-        if bound != self._bound:  # else the binding from the last call still holds these very tensors
+        ins = {spec.name: feeds[spec.name] for spec in engine.inputs}
+        want_in = {name: (t.data_ptr(), tuple(t.shape)) for name, t in ins.items()}
+        want_out = {name: (t.data_ptr(), tuple(t.shape)) for name, t in result.items()}
+        old_in, old_out = self._bound
+        if set(want_out) != set(old_out):  # other outputs asked for: start over
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            for name, tensor in ins:
-                self._bind(binding.bind_input, name, tensor)
-            for name, tensor in result.items():
-                self._bind(binding.bind_output, name, tensor)
-            self._bound = bound
+            old_in, old_out = {}, {}
+        # Rebind only what moved (in a sampling loop: the latent, the timestep, the rotated
+        # buffers): binding a name again replaces it.
+        for name, key in want_in.items():
+            if old_in.get(name) != key:
+                self._bind(binding.bind_input, name, ins[name])
+        for name, key in want_out.items():
+            if old_out.get(name) != key:
+                self._bind(binding.bind_output, name, result[name])
+        self._bound = (want_in, want_out)
         self._run(binding)
         return result
 

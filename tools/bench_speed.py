@@ -1,23 +1,30 @@
 """Speed benchmark: OmniCache on a DiT-S/2-sized model, ONNX Runtime CPU.
 
     python tools/bench_speed.py [--steps 50] [--cache-ratio 0.55] [--repeats 5] [--threads N]
-                                [--out docs/benchmarks.md] [--workdir DIR]
+                                [--out docs/benchmarks.md] [--workdir DIR] [--reuse] [--no-profile]
+                                [--compare LABEL=bench_speed.json ...]
 
 1. builds a random-weight DiT-S/2-sized diffusers DiT (12 blocks, hidden 384 = 6 heads x 64,
    32x32x4 latent, patch 2, 1000 classes, learned sigma) and exports it with TorchScript (opset 17,
    dynamic batch; inputs hidden_states, timestep, class_labels);
 2. runs the main job (`omnicache_export.pipeline.export`) with DDIM, K=2 calibration samples;
-3. times whole sampling loops (1 sample, batch 1) with cache and with `no_cache=True`, interleaved
-   (ABAB...) in one process after a warm-up, and reports medians and their ratio;
-4. times the two graphs directly on the same step feeds (interleaved) for the cost ratio c, and
-   compares the measured speedup with the ideal 1 / (1 - f + f c) (f = cached share of the schedule);
-5. splits the per-step time into engine time and host overhead (scheduler step, feeds, IO binding)
-   and times a leaner loop prototyped here (`LeanGeneration`) against the runtime's own, to say what
-   a runtime change would gain;
+3. loads the export with `OmniCache.load` and times whole sampling loops (`OmniCache.run`: 1 sample,
+   batch 1) with cache and with `no_cache=True`, interleaved (ABAB...) in one process after a
+   warm-up, and reports medians and their ratio;
+4. times the two graphs directly on the same step feeds (those `StepDispatch` builds at the first
+   cached step; interleaved) for the cost ratio c, and compares the measured speedup with the ideal
+   1 / (1 - f + f c) (f = cached share of the schedule);
+5. splits the per-step time inside the loops into engine time (each runner's `infer` timed, through
+   a `StepDispatch` over timing wrappers of the loaded engines) and host time, and, unless
+   --no-profile, times each host piece of a step (scheduler step, feeds, guidance, IO binding) and
+   profiles one cached loop;
 6. prints a table and, with --out, writes the section "Speed: DiT-S/2-sized, ONNX Runtime CPU" of the
-   given markdown file (other sections are kept).
+   given markdown file (other sections are kept); --compare puts other runs' results (the
+   bench_speed.json each run leaves in its workdir, e.g. of an earlier version) next to this one.
 
-Every number written is measured in this run.
+Every step runs through the runtime's own dispatch (`OmniCache` -> `Generation` -> `StepDispatch`),
+the one calibration and the CLI use too. Every number written is measured in this run (or, for
+--compare, in the run whose json it is).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import contextlib
 import cProfile
 import datetime as _dt
 import io
+import itertools
 import json
 import os
 import platform
@@ -39,6 +47,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from omnicache_export.engines.base import Engine, Runner
 
 SECTION = "Speed: DiT-S/2-sized, ONNX Runtime CPU"
 INPUT_NAMES = ["hidden_states", "timestep", "class_labels"]
@@ -116,65 +127,101 @@ def interleaved(fns: dict[str, callable], repeats: int, warmup: int = 1) -> dict
     return times
 
 
-def sample_loop(rt, cond, gen_cls=None, no_cache=False, seed=1):
-    from omnicache_export.runtime.omnicache import Generation
+class TimedEngine(Engine):
+    """An engine whose runners record the wall time of each `infer` call in `times` (about 1 µs a
+    call). It wraps an engine of a loaded runtime, which stays that runtime's to close."""
 
-    gen = (gen_cls or Generation)(rt, cond, {}, 1, seed, no_cache)
-    while not gen.done:
-        gen.step()
-    return gen
-
-
-class TimedEngine:
-    """Wraps an engine and records the wall time of each `run` call (about 1 µs a call)."""
-
-    def __init__(self, engine):
+    def __init__(self, engine: Engine):
         self.engine, self.times = engine, []
+        self.backend, self.device = engine.backend, engine.device
 
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
+    @property
+    def inputs(self):
+        return self.engine.inputs
 
-    def run(self, feeds, output_names=None):
+    @property
+    def outputs(self):
+        return self.engine.outputs
+
+    def runner(self) -> TimedRunner:
+        return TimedRunner(self, self.engine.runner())
+
+
+class TimedRunner(Runner):
+    engine: TimedEngine
+
+    def __init__(self, engine: TimedEngine, runner: Runner):
+        super().__init__(engine)
+        self.runner = runner
+
+    def output_shapes(self, input_shapes):
+        return self.runner.output_shapes(input_shapes)
+
+    def infer(self, feeds, outputs=None, names=None):
         t0 = time.perf_counter()
-        out = self.engine.run(feeds, output_names)
-        self.times.append(time.perf_counter() - t0)
+        out = self.runner.infer(feeds, outputs, names)
+        self.engine.times.append(time.perf_counter() - t0)
         return out
 
+    def close(self) -> None:
+        self.runner.close()
 
-def timed_loops(cond, variants: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
-    """Whole sampling loops (1 sample, batch 1), variants interleaved ABAB... after `warmup` rounds.
-    variants: name -> (runtime, Generation class or None, no_cache). Per loop: wall time and each
-    full.run / cache.run call's time (so host time = loop - engine calls), in ms."""
-    rts = {id(v[0]): v[0] for v in variants.values()}
-    saved = {k: (rt.full, rt.cache) for k, rt in rts.items()}
-    out = {k: {"loop": [], "full": [], "cache": [], "full_steps": None} for k in variants}
-    try:
-        for rt in rts.values():
-            rt.full, rt.cache = TimedEngine(rt.full), TimedEngine(rt.cache)
-        for r in range(warmup + repeats):
-            for name, (rt, cls, no_cache) in variants.items():
-                rt.full.times, rt.cache.times = [], []
-                t0 = time.perf_counter()
-                sample_loop(rt, cond, gen_cls=cls, no_cache=no_cache)
-                dt = time.perf_counter() - t0
-                if r < warmup:
-                    continue
-                rec = out[name]
-                rec["loop"].append(dt * 1e3)
-                rec["full"].append([t * 1e3 for t in rt.full.times])
-                rec["cache"].append([t * 1e3 for t in rt.cache.times])
-                rec["full_steps"] = np.ones(rt.spec.n_steps, bool) if no_cache else rt.full_steps
-    finally:
-        for k, rt in rts.items():
-            rt.full, rt.cache = saved[k]
+
+def load_runtime(out_dir: Path, threads: int | None):
+    """`OmniCache.load` with ONNX Runtime's loader settings: `threads` intra-op threads (None: ORT's
+    default); spinning stays off, the loader's default."""
+    from omnicache_export.runtime.omnicache import OmniCache
+
+    return OmniCache.load(out_dir, "onnxruntime", "cpu", threads=threads)
+
+
+def timed_runtime(rt):
+    """The same runtime (its engines, IO, schedule and manifest) with every engine call timed: a
+    `StepDispatch` over `TimedEngine`s of the loaded engines."""
+    from omnicache_export.runtime.dispatch import StepDispatch
+    from omnicache_export.runtime.omnicache import OmniCache
+
+    d = rt.dispatch
+    dispatch = StepDispatch(TimedEngine(d.full), TimedEngine(d.cache), d.full_io, d.cache_io)
+    return OmniCache(dispatch, rt.spec, rt.full_steps, rt.manifest)
+
+
+def sample_loop(rt, cond, no_cache=False, seed=1):
+    """One whole sampling loop of one sample (batch 1): `OmniCache.run`, i.e. `sample_rows` ->
+    `Generation` -> `StepDispatch`, final latents back on the host."""
+    return rt.run(cond, {}, seed, no_cache=no_cache)
+
+
+def timed_loops(trt, cond, variants: dict[str, bool], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Whole sampling loops (1 sample, batch 1) of the timed runtime `trt`, variants interleaved
+    ABAB... after `warmup` rounds. variants: name -> no_cache. Per loop: wall time and each full /
+    cache graph call's time (so host time = loop - engine calls), in ms."""
+    full, cache = trt.dispatch.full, trt.dispatch.cache
+    n = len(trt.full_steps)
+    out = {k: {"loop": [], "full": [], "cache": [],
+               "full_steps": [True] * n if no_cache else [bool(s) for s in trt.full_steps]}
+           for k, no_cache in variants.items()}
+    for r in range(warmup + repeats):
+        for name, no_cache in variants.items():
+            full.times, cache.times = [], []
+            t0 = time.perf_counter()
+            sample_loop(trt, cond, no_cache=no_cache)
+            dt = time.perf_counter() - t0
+            if r < warmup:
+                continue
+            rec = out[name]
+            rec["loop"].append(dt * 1e3)
+            rec["full"].append([t * 1e3 for t in full.times])
+            rec["cache"].append([t * 1e3 for t in cache.times])
     return out
 
 
 def loop_summary(rec: dict) -> dict[str, float]:
     """Medians: loop; engine calls pooled over the loops; host time per step per loop."""
-    full_steps = np.flatnonzero(rec["full_steps"])
-    n = len(rec["full_steps"])
-    after_cached = np.array([i > 0 and not rec["full_steps"][i - 1] for i in full_steps])
+    schedule = np.asarray(rec["full_steps"], bool)
+    full_steps = np.flatnonzero(schedule)
+    n = len(schedule)
+    after_cached = np.array([i > 0 and not schedule[i - 1] for i in full_steps], bool)
     fulls = np.array(rec["full"])  # [loops, n_full]
     caches = np.array(rec["cache"]) if rec["cache"] and rec["cache"][0] else np.zeros((len(rec["loop"]), 0))
     host = [(lp - f.sum() - c.sum()) / n for lp, f, c in zip(rec["loop"], fulls, caches)]
@@ -191,154 +238,113 @@ def loop_summary(rec: dict) -> dict[str, float]:
     }
 
 
-def no_spin_runtime(out_dir: Path, threads: int | None, roles=("cache",)):
-    """The runtime with ONNX Runtime's intra-op spin-waiting turned off in the named sessions
-    (`session.intra_op.allow_spinning = 0`): a prototype of an engine option."""
-    import onnxruntime as ort
+class StepFeeds:
+    """A generation stepped up to its first cached step, and both graphs' feeds there as the
+    dispatch builds them (`StepDispatch.full_feeds` / `cache_feeds`), with output buffers of their
+    own, so timing the graphs on them leaves the generation's cache state as it was."""
 
-    rt = load_runtime(out_dir, threads)
-    for role in roles:
-        eng = getattr(rt, role)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        path = out_dir / rt.manifest["engines"]["onnxruntime"][role]
-        eng.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    return rt
+    def __init__(self, rt, cond, seed: int = 0):
+        d = rt.dispatch
+        self.gen = gen = rt.generation(cond, {}, [0], seed)
+        first_cached = int(np.flatnonzero(~rt.full_steps)[0])
+        while gen.i < first_cached:
+            gen.step()
+        self.i = i = gen.i
+        self.model_feeds = gen.den.feeds(i, gen.x, gen.static)
+        self.full_feeds = d.full_feeds(self.model_feeds)
+        self.cache_feeds = d.cache_feeds(i, self.model_feeds, gen.state, gen.tables, gen.steps)
+        self.full_out = {k: torch.empty_like(v) for k, v in gen.state.targets().items()}
+        self.cache_out = {d.output: torch.empty_like(gen.state.prev)}
 
-
-def load_runtime(out_dir: Path, threads: int | None):
-    from omnicache_export.engines.onnxruntime import OnnxRuntimeEngine
-    from omnicache_export.runtime.omnicache import OmniCache
-
-    rt = OmniCache.load(out_dir)
-    if threads:
-        for role in ("full", "cache"):
-            path = out_dir / rt.manifest["engines"]["onnxruntime"][role]
-            getattr(rt, role).close()
-            setattr(rt, role, OnnxRuntimeEngine(path, threads=threads, spinning=False))
-        rt._cache_inputs = [s.name for s in rt.cache.inputs]
-    return rt
+    def close(self) -> None:
+        self.gen.close()
 
 
-def step_feeds(rt, cond) -> tuple[dict, dict, int]:
-    """Real feeds of both graphs at the first cached step (and after its two preceding full steps)."""
-    from omnicache_export.runtime.omnicache import Generation
-
-    gen = Generation(rt, cond, {}, 1, 0, False)
-    first_cached = int(np.flatnonzero(~rt.full_steps)[0])
-    while gen.i < first_cached:
-        gen.step()
-    feeds = gen._feeds()
-    full_feeds = {s.name: feeds[s.name] for s in rt.full.inputs}
-    extra = gen.cache_extras()
-    cache_feeds = {n: extra[n] if n in extra else feeds[n] for n in rt._cache_inputs}
-    return full_feeds, cache_feeds, gen.i
+def time_graphs(rt, sf: StepFeeds, reps: int) -> dict[str, list[float]]:
+    """Both graphs on the same step's feeds, interleaved, each through a runner of its own (the call
+    `StepDispatch.run_full` makes, without advancing a cache state, and `run_cached`)."""
+    d = rt.dispatch
+    full_runner, cache_runner = d.runners()
+    try:
+        return interleaved({"full": lambda: full_runner.infer(sf.full_feeds, outputs=sf.full_out),
+                            "cache": lambda: d.run_cached(cache_runner, sf.cache_feeds, sf.cache_out)},
+                           reps, warmup=3)
+    finally:
+        full_runner.close()
+        cache_runner.close()
 
 
 # ------------------------------------------------------------------ host-overhead breakdown
 
 
-def host_overhead(rt, cond, reps: int = 200) -> dict[str, float]:
-    """Median microseconds of each non-engine piece of one runtime step, on real tensors."""
-    from omnicache_export.runtime.omnicache import Generation
+def host_overhead(rt, sf: StepFeeds, reps: int = 200) -> dict[str, float]:
+    """Median microseconds of each non-engine piece of one runtime step, on the step's real tensors
+    (batch 1), with the graph calls for scale."""
+    d, gen, i = rt.dispatch, sf.gen, sf.i
+    den, x, state, spec = gen.den, gen.x, gen.state, rt.spec
+    raw = state.prev
+    pred = den.guided(raw)
+    out = sf.cache_out
+    # the same cache feeds with another latent tensor: in the loop the latent is a new tensor at
+    # every step, so the runner rebinds; alternating the two makes it rebind at every call here too
+    other = dict(sf.model_feeds)
+    other[spec.latent] = sf.model_feeds[spec.latent].clone()
+    feeds_b = d.cache_feeds(i, other, state, gen.tables, gen.steps)
+    flip = itertools.cycle([sf.cache_feeds, feeds_b])
+    # ONNX Runtime's own binding of the same tensors, by pointer (CPU), as the runner binds them
+    session = d.cache.session
+    binding = session.io_binding()
 
-    gen = Generation(rt, cond, {}, 1, 0, False)
-    gen.step()
-    gen.step()
-    den, x, i = gen.den, gen.x, 2
-    raw = gen.prev
-    full_feeds, cache_feeds, _ = step_feeds(rt, cond)
-    eng = rt.cache
-    sess = eng.session
+    def bind():
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for s in d.cache.inputs:
+            t = sf.cache_feeds[s.name]
+            binding.bind_input(s.name, "cpu", 0, _np_dtype(t), tuple(t.shape), t.data_ptr())
+        for s in d.cache.outputs:
+            if s.name in out:
+                t = out[s.name]
+                binding.bind_output(s.name, "cpu", 0, _np_dtype(t), tuple(t.shape), t.data_ptr())
+            else:
+                binding.bind_output(s.name, "cpu")
 
-    def timed(fn) -> float:
+    bind()
+    full_runner, cache_runner = d.runners()
+
+    def timed(fn, n=reps) -> float:
         fn()
         ts = []
-        for _ in range(reps):
+        for _ in range(n):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts)) * 1e6
 
-    def binding_only():
-        b = sess.io_binding()
-        for spec in eng.inputs:
-            b.bind_cpu_input(spec.name, np.ascontiguousarray(cache_feeds[spec.name]))
-        for o in eng.outputs:
-            b.bind_output(o.name, "cpu")
-
-    prebound = sess.io_binding()
-    for spec in eng.inputs:
-        prebound.bind_cpu_input(spec.name, cache_feeds[spec.name])
-    for o in eng.outputs:
-        prebound.bind_output(o.name, "cpu")
-
-    pred = den.guided(raw)
-    return {
-        "scheduler.step (diffusers DDIM, torch)": timed(lambda: den.step(i, pred, x)),
-        "scale_model_input (torch)": timed(lambda: den.model_input(i, x)),
-        "feeds dict + timestep feed": timed(lambda: gen._feeds()),
-        "guided (slice + astype)": timed(lambda: den.guided(raw)),
-        "zeros_like(prev) (cached step)": timed(lambda: np.zeros_like(raw)),
-        "io_binding build (cache graph)": timed(binding_only),
-        "cache graph: engine.run (binding + run + copy)": timed(lambda: eng.run(cache_feeds)),
-        "cache graph: run_with_iobinding only": timed(lambda: sess.run_with_iobinding(prebound)),
-        "cache graph: session.run (no binding)": timed(lambda: sess.run(None, cache_feeds)),
-        "full graph: engine.run": timed(lambda: rt.full.run(full_feeds)) if reps <= 50 else float("nan"),
-    }
+    try:
+        return {
+            "scheduler.step (diffusers DDIM, torch): `Denoiser.step`": timed(lambda: den.step(i, pred, x)),
+            "scale_model_input (torch): `Denoiser.model_input`": timed(lambda: den.model_input(i, x)),
+            "model feeds (dict, latent, timestep): `Denoiser.feeds`": timed(lambda: den.feeds(i, x, gen.static)),
+            "guidance / learned-sigma slice: `Denoiser.guided`": timed(lambda: den.guided(raw)),
+            "full graph's feed dict: `StepDispatch.full_feeds`": timed(lambda: d.full_feeds(sf.model_feeds)),
+            "cache graph's feed dict: `StepDispatch.cache_feeds`":
+                timed(lambda: d.cache_feeds(i, sf.model_feeds, state, gen.tables, gen.steps)),
+            "IO binding rebuilt alone (clear, bind every input and output by pointer), cache graph": timed(bind),
+            "cache graph: `session.run_with_iobinding` alone": timed(lambda: session.run_with_iobinding(binding)),
+            "cache graph: `StepDispatch.run_cached`, same tensors as the call before (binding kept)":
+                timed(lambda: d.run_cached(cache_runner, sf.cache_feeds, out)),
+            "cache graph: `StepDispatch.run_cached`, a new latent tensor each call (rebinds, as in the loop)":
+                timed(lambda: d.run_cached(cache_runner, next(flip), out)),
+            "full graph: runner `infer` (the call `StepDispatch.run_full` makes)":
+                timed(lambda: full_runner.infer(sf.full_feeds, outputs=sf.full_out), n=min(reps, 20)),
+        }
+    finally:
+        full_runner.close()
+        cache_runner.close()
 
 
-def lean_generation_cls():
-    """A prototype of a leaner runtime step: the DDIM update in numpy from precomputed alphas (no
-    torch round trip), no scale_model_input call where the scheduler's is the identity, no zeros_like
-    per cached step, and the feeds built once per step without copying the static dict."""
-    from omnicache_export.runtime.omnicache import Generation
-
-    class LeanGeneration(Generation):
-        def __init__(self, rt, cond, uncond, n, seed, no_cache):
-            super().__init__(rt, cond, uncond, n, seed, no_cache)
-            s = self.den.scheduler
-            self._ddim = type(s).__name__ == "DDIMScheduler" and s.config.prediction_type == "epsilon" \
-                and not s.config.thresholding and not s.config.clip_sample and not rt.spec.cfg
-            ts = self.den.timesteps.numpy()
-            ac = s.alphas_cumprod.numpy().astype(np.float64)
-            step = s.config.num_train_timesteps // s.num_inference_steps
-            prev_t = ts - step
-            a_t = ac[ts]
-            a_prev = np.where(prev_t >= 0, ac[np.clip(prev_t, 0, None)], float(s.final_alpha_cumprod))
-            # x_prev = sqrt(a_prev) * (x - sqrt(1-a_t) e)/sqrt(a_t) + sqrt(1-a_prev) e   (eta = 0)
-            self._cx = (np.sqrt(a_prev) / np.sqrt(a_t)).astype(np.float32)
-            self._ce = (np.sqrt(1 - a_prev) - np.sqrt(a_prev) * np.sqrt(1 - a_t) / np.sqrt(a_t)).astype(np.float32)
-            self._t_feeds = [self.den.timestep_feed(i, n) for i in range(rt.spec.n_steps)]
-
-        def step(self):
-            if not self._ddim:
-                return super().step()
-            spec, rt, i = self.rt.spec, self.rt, self.i
-            feeds = self.static.copy()
-            feeds[spec.latent] = self.x
-            if spec.timestep:
-                feeds[spec.timestep] = self._t_feeds[i]
-            if self.no_cache or rt.full_steps[i]:
-                out = rt.full.run(feeds)
-                raw = out[spec.output]
-                self.caches_prev, self.caches = self.caches, {k: out[k] for k in rt.cache_names}
-                self.prev2, self.prev = self.prev, raw
-                self.full_steps += 1
-            else:
-                feeds.update(self.cache_extras())
-                raw = rt.cache.run(feeds)[spec.output]
-                self.cached_steps += 1
-            c = spec.latent_shape[0]
-            eps = raw[:, :c] if spec.learned_sigma else raw
-            self.x = self._cx[i] * self.x + self._ce[i] * eps
-            self.i += 1
-            return self.x
-
-    return LeanGeneration
+def _np_dtype(t: torch.Tensor) -> np.dtype:
+    return torch.empty(0, dtype=t.dtype).numpy().dtype
 
 
 def profile_cached_loop(rt, cond, top: int = 14) -> tuple[str, list[tuple[str, float, float]]]:
@@ -374,6 +380,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from-json", type=Path, default=None,
                    help="measure nothing: re-render --out from the bench_speed.json an earlier run left in its workdir")
     p.add_argument("--no-profile", action="store_true", help="skip the overhead breakdown and the profile")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=JSON",
+                   help="show the results of another run (the bench_speed.json it left in its workdir, e.g. of "
+                        "an earlier version of the runtime) next to this one's; repeatable")
+    p.add_argument("--compare-note", default=None, metavar="TEXT",
+                   help="a sentence rendered with the --compare table (where the compared runs came from)")
     return p.parse_args(argv)
 
 
@@ -383,8 +394,12 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    compare = load_compare(args.compare)
     if args.from_json:
         res = json.loads(args.from_json.read_text())
+        if compare:
+            res["compare"] = compare
+            res["compare_note"] = args.compare_note
         print(render(res, console=True))
         if args.out:
             update_markdown(args.out, render(res), section_title(res["threads"]))
@@ -392,10 +407,31 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_speed_")))
         work.mkdir(parents=True, exist_ok=True)
-        return run(args, work, command)
+        return run(args, work, command, compare)
 
 
-def run(args, work: Path, command: str) -> int:
+def load_compare(specs: list[str]) -> list[dict]:
+    """--compare LABEL=PATH: the figures of that run's bench_speed.json (this tool's, of any version)."""
+    runs = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--compare {spec!r}: expected LABEL=PATH")
+        r = json.loads(Path(path).read_text())
+        lc, ln = r["in_loop"]["cached"], r["in_loop"]["no_cache"]
+        runs.append({
+            "label": label, "command": r["command"], "date": r["date"], "machine": r["machine"],
+            "t_no_cache_ms": r["t_no_cache_ms"], "t_cached_ms": r["t_cached_ms"], "measured": r["measured"],
+            "full_graph_ms": r["full_graph_ms"], "cache_graph_ms": r["cache_graph_ms"], "c": r["c"],
+            "ideal": r["ideal"], "efficiency": r["efficiency"], "pattern": r["pattern"],
+            "host_no_cache_ms": ln["host_per_step_ms"], "host_cached_ms": lc["host_per_step_ms"],
+            "full_call_no_cache_ms": ln["full_step_ms"], "cache_call_ms": lc["cache_step_ms"],
+            "load": r.get("load"),
+        })
+    return runs
+
+
+def run(args, work: Path, command: str, compare: list[dict]) -> int:
     import onnxruntime as ort
 
     from omnicache_export.pipeline.job import ExportOptions, export
@@ -429,76 +465,57 @@ def run(args, work: Path, command: str) -> int:
         print(f"reusing {out_dir}: {meta}", flush=True)
 
     rt = load_runtime(out_dir, args.threads)
+    trt = timed_runtime(rt)
     m = rt.manifest
     cond = {"class_labels": labels[:1]}
     n, n_cached = len(rt.full_steps), int((~rt.full_steps).sum())
     f = n_cached / n
-    pattern = m["schedule"]["pattern"]
+    pattern = m.schedule.pattern
+    load_before = os.getloadavg()
 
     # 3. whole loops, interleaved (engine time inside each loop recorded too)
-    main_loops = timed_loops(cond, {"cached": (rt, None, False), "no_cache": (rt, None, True)}, args.repeats)
+    main_loops = timed_loops(trt, cond, {"cached": False, "no_cache": True}, args.repeats)
     lc, ln = loop_summary(main_loops["cached"]), loop_summary(main_loops["no_cache"])
     measured = ln["loop_ms"] / lc["loop_ms"]
     per_round = [a / b for a, b in zip(main_loops["no_cache"]["loop"], main_loops["cached"]["loop"])]
 
     # 4. the two graphs on the same step feeds, interleaved
-    full_feeds, cache_feeds, at_step = step_feeds(rt, cond)
-    graph_reps = max(20, 4 * args.repeats)
-    graphs = interleaved({"full": lambda: rt.full.run(full_feeds), "cache": lambda: rt.cache.run(cache_feeds)},
-                         graph_reps, warmup=3)
-    g_full, g_cache = median_ms(graphs["full"]), median_ms(graphs["cache"])
-    c = g_cache / g_full
-    ideal = 1 / (1 - f + f * c)
-    efficiency = measured / ideal
+    sf = StepFeeds(rt, cond)
+    try:
+        graph_reps = max(20, 4 * args.repeats)
+        graphs = time_graphs(rt, sf, graph_reps)
+        g_full, g_cache = median_ms(graphs["full"]), median_ms(graphs["cache"])
+        c = g_cache / g_full
+        ideal = 1 / (1 - f + f * c)
+        efficiency = measured / ideal
+        load_after = os.getloadavg()
 
-    res = {
-        "steps": n, "n_cached": n_cached, "f": f, "pattern": pattern, "cache_ratio_asked": args.cache_ratio,
-        "t_cached_ms": lc["loop_ms"], "t_no_cache_ms": ln["loop_ms"], "measured": measured,
-        "loops_cached_ms": main_loops["cached"]["loop"], "loops_no_cache_ms": main_loops["no_cache"]["loop"],
-        "in_loop": {"cached": lc, "no_cache": ln}, "per_round_speedup": per_round,
-        "engine_only_speedup": ln["engines_ms"] / lc["engines_ms"],
-        "in_loop_c": lc["cache_step_ms"] / ln["full_step_ms"],
-        "with_host_model": _with_host(n, n_cached, g_full, g_cache, lc["host_per_step_ms"], ln["host_per_step_ms"]),
-        "full_graph_ms": g_full, "cache_graph_ms": g_cache, "c": c, "ideal": ideal, "efficiency": efficiency,
-        "flop_share": m["io"]["block_region"]["flop_share"], "graph_reps": graph_reps, "graph_step": at_step,
-        "psnr": m["calibration"]["quality"]["psnr_db_mean"], "correction": m["correction"]["name"],
-        "schedule_name": m["schedule"]["name"], "export_s": t_export, "filters": args.filters,
-        "threads": args.threads, "repeats": args.repeats,
-        "runtime_psnr_vs_no_cache": m["verification"]["runtime_psnr_db_vs_no_cache"],
-        "manifest_speed": m["speed"],
-    }
-    print(f"loops: cached {lc['loop_ms']:.0f} ms, no cache {ln['loop_ms']:.0f} ms, speedup {measured:.3f}x; "
-          f"c = {c:.4f}, ideal {ideal:.3f}x, efficiency {efficiency:.3f}", flush=True)
+        res = {
+            "steps": n, "n_cached": n_cached, "f": f, "pattern": pattern, "cache_ratio_asked": args.cache_ratio,
+            "t_cached_ms": lc["loop_ms"], "t_no_cache_ms": ln["loop_ms"], "measured": measured,
+            "loops_cached_ms": main_loops["cached"]["loop"], "loops_no_cache_ms": main_loops["no_cache"]["loop"],
+            "in_loop": {"cached": lc, "no_cache": ln}, "per_round_speedup": per_round,
+            "engine_only_speedup": ln["engines_ms"] / lc["engines_ms"],
+            "in_loop_c": lc["cache_step_ms"] / ln["full_step_ms"],
+            "with_host_model": _with_host(n, n_cached, g_full, g_cache, lc["host_per_step_ms"], ln["host_per_step_ms"]),
+            "full_graph_ms": g_full, "cache_graph_ms": g_cache, "c": c, "ideal": ideal, "efficiency": efficiency,
+            "flop_share": m.model_io.block_region.flop_share, "graph_reps": graph_reps, "graph_step": sf.i,
+            "psnr": m.calibration.quality.psnr_db_mean, "correction": m.correction.name,
+            "schedule_name": m.schedule.name, "export_s": t_export, "filters": args.filters,
+            "threads": args.threads, "repeats": args.repeats,
+            "runtime_psnr_vs_no_cache": m.verification.runtime_psnr_db_vs_no_cache,
+            "manifest_speed": m.speed.to_json(),
+            "load": {"before": list(load_before), "after": list(load_after)},
+        }
+        print(f"loops: cached {lc['loop_ms']:.0f} ms, no cache {ln['loop_ms']:.0f} ms, speedup {measured:.3f}x; "
+              f"c = {c:.4f}, ideal {ideal:.3f}x, efficiency {efficiency:.3f}", flush=True)
 
-    # 5. where the host time goes, and what a leaner step would give
+        # 5. where the host time goes
+        if not args.no_profile:
+            res["overhead_us"] = host_overhead(rt, sf, reps=200)
+    finally:
+        sf.close()
     if not args.no_profile:
-        res["overhead_us"] = host_overhead(rt, cond, reps=50)
-        lean = lean_generation_cls()
-        ref = sample_loop(rt, cond, seed=3).x
-        got = sample_loop(rt, cond, gen_cls=lean, seed=3).x
-        res["lean_max_abs_diff"] = float(np.abs(ref - got).max())
-        res["lean_max_abs_x"] = float(np.abs(ref).max())
-        rt_ns = no_spin_runtime(out_dir, args.threads)
-        rt_nsb = no_spin_runtime(out_dir, args.threads, roles=("full", "cache"))
-        variants = {
-            "cached": (rt, None, False), "no_cache": (rt, None, True),
-            "nospin_cached": (rt_ns, None, False),
-            "nospin_both_cached": (rt_nsb, None, False), "nospin_both_no_cache": (rt_nsb, None, True),
-            "lean_cached": (rt, lean, False), "lean_no_cache": (rt, lean, True),
-            "nospin_lean_cached": (rt_ns, lean, False),
-        }
-        lt = timed_loops(cond, variants, args.repeats)
-        rt_ns.close()
-        rt_nsb.close()
-        P = res["proto"] = {k: loop_summary(v) for k, v in lt.items()}
-        base_nc, lean_nc = P["no_cache"]["loop_ms"], P["lean_no_cache"]["loop_ms"]
-        res["proto_speedup"] = {
-            "runtime": base_nc / P["cached"]["loop_ms"],
-            "nospin": base_nc / P["nospin_cached"]["loop_ms"],
-            "nospin_both": P["nospin_both_no_cache"]["loop_ms"] / P["nospin_both_cached"]["loop_ms"],
-            "lean": lean_nc / P["lean_cached"]["loop_ms"],
-            "nospin_lean": lean_nc / P["nospin_lean_cached"]["loop_ms"],
-        }
         text, rows = profile_cached_loop(rt, cond)
         res["profile"] = rows
         res["profile_text"] = text
@@ -511,8 +528,14 @@ def run(args, work: Path, command: str) -> int:
     }
     res["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res["command"] = command
+    if compare:
+        res["compare"] = compare
+        res["compare_note"] = args.compare_note
     print(render(res, console=True))
-    (work / "bench_speed.json").write_text(json.dumps({k: v for k, v in res.items() if k != "profile_text"}, indent=1))
+    if "profile_text" in res:
+        print(res["profile_text"])
+    (work / "bench_speed.json").write_text(json.dumps({k: v for k, v in res.items() if k not in ("profile_text", "compare", "compare_note")},
+                                                      indent=1))
     if args.out:
         title = section_title(args.threads)
         update_markdown(args.out, render(res), title)
@@ -548,6 +571,18 @@ def _ok(value: float, target: float) -> str:
     return "met" if value >= target else "**not met**"
 
 
+def _db(value) -> str:
+    return "n/a" if value is None else f"{value:.1f} dB"
+
+
+def _load(r: dict) -> str:
+    load = r.get("load")
+    if not load:
+        return ""
+    return (f"; load average (1 / 5 / 15 min) before the timing {' / '.join(f'{x:.2f}' for x in load['before'])}, "
+            f"after it {' / '.join(f'{x:.2f}' for x in load['after'])}")
+
+
 def render(r: dict, console: bool = False) -> str:
     mc = r["machine"]
     lc, ln = r["in_loop"]["cached"], r["in_loop"]["no_cache"]
@@ -561,7 +596,10 @@ def render(r: dict, console: bool = False) -> str:
         f"- date: {r['date']}",
         f"- machine: {mc['cpu_count']} CPUs ({mc['processor']}), {mc['platform']}; Python {mc['python']}, "
         f"onnxruntime {mc['onnxruntime']}, numpy {mc['numpy']}, torch {mc['torch']}, diffusers {mc['diffusers']}; "
-        f"ORT intra-op threads: {r['threads'] or 'ORT default'}; the machine is shared, hence interleaved runs and medians",
+        f"ORT intra-op threads: {r['threads'] or 'ORT default'}, intra-op spin-waiting off (the engine loader's "
+        "default, `OnnxRuntimeLoader(spinning=False)`: measured earlier with this tool, a spinning idle session "
+        "made the full step after each cached step 14 % slower); the machine is shared, hence interleaved runs "
+        "and medians" + _load(r),
         "- model: random-weight diffusers `DiTTransformer2DModel`, DiT-S/2 size (12 blocks, hidden 384 = 6 heads x 64, "
         "32x32x4 latent, patch 2, 1000 classes, learned sigma), TorchScript export, opset 17, dynamic batch",
         f"- export: DDIM, {r['steps']} steps, cache ratio {r['cache_ratio_asked']}, K={K_CALIB} calibration samples "
@@ -569,7 +607,9 @@ def render(r: dict, console: bool = False) -> str:
         + (f"took {r['export_s']:.0f} s" if r['export_s'] is not None else "reused from an earlier run (`--reuse`)"),
         f"- schedule ({r['schedule_name']}; F = full, C = cached): `{r['pattern']}` — "
         f"{r['n_cached']}/{r['steps']} cached, f = {r['f']:.3f}; correction: {r['correction']}; "
-        f"PSNR vs no cache: calibration {r['psnr']:.1f} dB, runtime {r['runtime_psnr_vs_no_cache']:.1f} dB",
+        f"PSNR vs no cache: calibration {_db(r['psnr'])}, runtime {_db(r['runtime_psnr_vs_no_cache'])}",
+        "- loops: `OmniCache.run` of one sample (batch 1), i.e. the runtime's `Generation` stepping through its "
+        "`StepDispatch`, the dispatch calibration runs too; engine calls timed by a wrapper around each runner's `infer`",
         "",
         "| quantity | value | target |",
         "|---|---|---|",
@@ -586,7 +626,7 @@ def render(r: dict, console: bool = False) -> str:
         f"| ideal speedup 1 / (1 − f + f·c) | {r['ideal']:.3f}x | |",
         f"| **efficiency** = measured / ideal | **{r['efficiency']:.3f}** | >= {TARGET_EFFICIENCY}: "
         f"{_ok(r['efficiency'], TARGET_EFFICIENCY)} |",
-        f"| block-stack FLOP share (analysis, manifest `io.block_region.flop_share`) | {r['flop_share']} | |",
+        f"| block-stack FLOP share (analysis, manifest `model_io.block_region.flop_share`) | {r['flop_share']} | |",
         "",
         "Inside the same loops (each engine call timed in place; host = loop − engine calls):",
         "",
@@ -597,7 +637,7 @@ def render(r: dict, console: bool = False) -> str:
         f"{lc['full_after_full_ms']:.2f} ms |",
         f"| full.onnx call right after a cached step | — | {lc['full_after_cached_ms']:.2f} ms |",
         f"| cache.onnx call | — | {lc['cache_step_ms']:.3f} ms |",
-        f"| host time per step (scheduler, feeds, outside `run`) | {ln['host_per_step_ms']:.3f} ms | "
+        f"| host time per step (scheduler, feeds, dispatch, outside `infer`) | {ln['host_per_step_ms']:.3f} ms | "
         f"{lc['host_per_step_ms']:.3f} ms |",
         f"| engine time per loop | {ln['engines_ms']:.0f} ms | {lc['engines_ms']:.0f} ms |",
         "",
@@ -610,41 +650,56 @@ def render(r: dict, console: bool = False) -> str:
         + ", ".join(f"{x:.3f}" for x in r["per_round_speedup"])
         + f" (median {float(np.median(r['per_round_speedup'])):.3f}x).",
     ]
+    if r.get("compare"):
+        L += _render_compare(r)
     if "overhead_us" in r:
-        P, S = r["proto"], r["proto_speedup"]
-        L += ["", "### Where the gap to ideal goes", "",
-              "Median µs per call of each piece of `Generation.step()` outside the graphs, on real tensors (batch 1), "
-              "with the graph calls for scale:", "", "| piece | µs |", "|---|---|"]
-        L += [f"| {k} | {v:.0f} |" for k, v in r["overhead_us"].items()]
-        L += ["", "Runtime changes prototyped in the tool, timed against the runtime as it is, eight loops interleaved per round, "
-              f"medians of {r['repeats']}:", "",
-              "- **no spin**: the cache graph's ONNX Runtime session with `session.intra_op.allow_spinning = 0`. Each "
-              "session has its own intra-op thread pool, whose workers spin-wait after a run; after a cached step the "
-              "cache session's spinning worker competes with the next full step for the cores;",
-              "- **no spin, both**: the same for the full graph's session too;",
-              "- **lean**: `LeanGeneration`, the DDIM update in numpy from coefficients precomputed per step instead of "
-              "`scheduler.step` through torch, no `scale_model_input` (identity for DDIM), no `zeros_like` and no "
-              f"feed-dict rebuild per step (max |Δx| vs the runtime {r['lean_max_abs_diff']:.1e} on |x| <= "
-              f"{r['lean_max_abs_x']:.1f}, float32 rounding).",
-              "", "| OmniCache loop | loop | full.onnx after a cached step | other full.onnx calls | cache.onnx | "
-              "host / step | speedup | of ideal |", "|---|---|---|---|---|---|---|---|"]
-        for key, label, sp in (("cached", "runtime as is", "runtime"), ("nospin_cached", "no spin", "nospin"),
-                               ("nospin_both_cached", "no spin, both", "nospin_both"),
-                               ("lean_cached", "lean", "lean"), ("nospin_lean_cached", "no spin + lean", "nospin_lean")):
-            q = P[key]
-            L.append(f"| {label} | {q['loop_ms']:.0f} ms | {q['full_after_cached_ms']:.2f} ms | "
-                     f"{q['full_after_full_ms']:.2f} ms | {q['cache_step_ms']:.3f} ms | {q['host_per_step_ms']:.3f} ms | "
-                     f"{S[sp]:.3f}x | {S[sp] / r['ideal']:.3f} |")
-        L += ["", f"No-cache loops in the same rounds: runtime {P['no_cache']['loop_ms']:.0f} ms (full.onnx "
-              f"{P['no_cache']['full_step_ms']:.2f} ms, host {P['no_cache']['host_per_step_ms']:.3f} ms/step), lean "
-              f"{P['lean_no_cache']['loop_ms']:.0f} ms (host {P['lean_no_cache']['host_per_step_ms']:.3f} ms/step), "
-              f"no spin both {P['nospin_both_no_cache']['loop_ms']:.0f} ms (full.onnx "
-              f"{P['nospin_both_no_cache']['full_step_ms']:.2f} ms); each variant's speedup is against the no-cache loop "
-              "it would have (runtime's for no spin, lean's for the lean ones, its own for no spin both).",
-              "", "Top of a cProfile of one OmniCache loop (by own time):", "",
+        o = r["overhead_us"]
+        L += ["", "### Where the host time goes", "",
+              "Median µs per call of each piece of `Generation.step()` outside the graphs, on the real tensors of "
+              f"step {r['graph_step']} (batch 1), with the graph calls for scale:", "", "| piece | µs |", "|---|---|"]
+        L += [f"| {k} | {v:.0f} |" for k, v in o.items()]
+        L += ["", "Top of a cProfile of one OmniCache loop (by own time):", "",
               "| function | own ms | cumulative ms |", "|---|---|---|"]
         L += [f"| `{name}` | {tt:.1f} | {ct:.1f} |" for name, tt, ct in r["profile"]]
     return "\n".join(L) + "\n"
+
+
+def _render_compare(r: dict) -> list[str]:
+    """Other runs (--compare) next to this one: their figures as their own runs measured them."""
+    this = {"label": "this run", "command": r["command"], "date": r["date"],
+            "t_no_cache_ms": r["t_no_cache_ms"], "t_cached_ms": r["t_cached_ms"], "measured": r["measured"],
+            "full_graph_ms": r["full_graph_ms"], "cache_graph_ms": r["cache_graph_ms"], "c": r["c"],
+            "ideal": r["ideal"], "efficiency": r["efficiency"], "pattern": r["pattern"],
+            "host_no_cache_ms": r["in_loop"]["no_cache"]["host_per_step_ms"],
+            "host_cached_ms": r["in_loop"]["cached"]["host_per_step_ms"],
+            "full_call_no_cache_ms": r["in_loop"]["no_cache"]["full_step_ms"],
+            "cache_call_ms": r["in_loop"]["cached"]["cache_step_ms"], "load": r.get("load")}
+    runs = [*r["compare"], this]
+    L = ["", "### Side by side with other runs", "",
+         "Runs given with `--compare`, each as its own run measured it (its `bench_speed.json`, written by the "
+         "version of this tool that ran it), and this run; same machine unless the list below says otherwise. "
+         "Loop and graph times of separate runs move with the machine's load (listed where the run recorded it): "
+         "compare the ratios within each run (speedup, c, efficiency) more than the times across runs. Host / step "
+         "is the loop minus the engine calls as each run's tool timed them: in the numpy runtime before 8ca4331 an "
+         "engine call also built a fresh IO binding and copied the outputs to the host, since then a runner's "
+         "`infer` checks and binds the tensors and ONNX Runtime writes into the caller's buffers."
+         + (f" {r['compare_note']}" if r.get("compare_note") else ""), "",
+         "| run | loop no cache | loop OmniCache | measured speedup | full.onnx | cache.onnx | c | ideal | efficiency "
+         "| host / step, no cache | host / step, OmniCache |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for q in runs:
+        L.append(f"| {q['label']} | {q['t_no_cache_ms']:.0f} ms | {q['t_cached_ms']:.0f} ms | {q['measured']:.3f}x | "
+                 f"{q['full_graph_ms']:.2f} ms | {q['cache_graph_ms']:.3f} ms | {q['c']:.4f} | {q['ideal']:.3f}x | "
+                 f"{q['efficiency']:.3f} | {q['host_no_cache_ms']:.3f} ms | {q['host_cached_ms']:.3f} ms |")
+    L.append("")
+    for q in runs:
+        mc = q.get("machine") or r["machine"]
+        load = q.get("load")
+        extra = (f", load average {load['before'][0]:.2f} before / {load['after'][0]:.2f} after the timing"
+                 if load else "")
+        L.append(f"- {q['label']}: `{q['command']}` ({q['date']}; {mc['cpu_count']} CPUs, torch {mc['torch']}, "
+                 f"onnxruntime {mc['onnxruntime']}{extra}; schedule `{q['pattern']}`)")
+    return L
 
 
 def _penalty_sentence(r: dict) -> str:
@@ -656,7 +711,8 @@ def _penalty_sentence(r: dict) -> str:
     adjusted = r["t_no_cache_ms"] / (r["t_cached_ms"] - k * extra)
     return (f"The {k} full steps that follow a cached step took {100 * extra / lc['full_after_full_ms']:+.0f}% "
             f"against the loop's other full steps ({lc['full_after_cached_ms']:.1f} vs {lc['full_after_full_ms']:.1f} ms); "
-            f"at the other full steps' median the OmniCache loop would take {k * extra:.0f} ms less: "
+            f"at the other full steps' median the OmniCache loop would take {abs(k * extra):.0f} ms "
+            f"{'less' if extra > 0 else 'more'}: "
             f"{adjusted:.3f}x, {adjusted / r['ideal']:.3f} of ideal.")
 
 

@@ -28,13 +28,17 @@ def torch_dtype(onnx_name: str) -> torch.dtype:
 class CacheState:
     """What a generation carries from its full steps to its cached steps, in buffers allocated once:
     two for the model output and two for each cache tensor, rotated at each full step (the one
-    that held the oldest value receives the new one). Before two full steps the older buffers hold
-    zeros: the coefficients there are 0, so any finite value will do."""
+    that held the oldest value receives the new one). Before two full steps the older output
+    buffer holds zeros (the coefficients there are 0, so any finite value will do) and the caches'
+    older buffers are not fed (`StepDispatch.cache_feeds`)."""
 
     def __init__(self, output: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
                  device: torch.device):
         self.output = output
-        self.buffers = {name: [torch.zeros(shapes[name], dtype=dtypes[name], device=device) for _ in range(2)]
+        # Only the output pair is read before it is written (prev2 before the second full step);
+        # a cache's older buffer is fed only from the second full step on, so it needs no fill.
+        self.buffers = {name: [(torch.zeros if name == output else torch.empty)(shapes[name], dtype=dtypes[name],
+                                                                               device=device) for _ in range(2)]
                         for name in shapes}
         self.newest = 1  # index of the buffers the last full step wrote
         self.n_full = 0

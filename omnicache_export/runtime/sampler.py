@@ -193,6 +193,7 @@ class Denoiser:
         problem = timesteps_problem(self.scheduler, spec.n_steps)
         if problem:
             raise UserError(f"{spec.scheduler['_class_name']} cannot sample {spec.n_steps} steps ({problem})")
+        self._latent_dtype = numpy_to_torch(spec.latent_dtype)  # resolved once: latent_feed runs every step
         self._scales_input = hasattr(self.scheduler, "scale_model_input")
         self._timestep_feeds: dict[int, list] = {}
 
@@ -230,7 +231,7 @@ class Denoiser:
 
     def latent_feed(self, i: int, x: torch.Tensor, copies: int) -> torch.Tensor:
         """The model's latent input: scaled x, repeated for guidance, in the model's dtype."""
-        x = self.model_input(i, x).to(numpy_to_torch(self.spec.latent_dtype))
+        x = self.model_input(i, x).to(self._latent_dtype)
         return self.torch.cat([x] * copies, dim=0) if copies > 1 else x.contiguous()
 
     def guided(self, raw: torch.Tensor) -> torch.Tensor:
