@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from omnicache_export.passes.fold_shape_if import _const_int, _through_unit_ops, inline_branch
+from omnicache_export.passes.fold_shape_if import dim_equality, inline_branch
 
 Dims = tuple[int | None, ...]
 
@@ -78,35 +78,16 @@ class FoldSqueezeIfPass(ir.passes.InPlacePass):
         self.dims = dims
         self.folded: list[str] = []  # "node: why", one per folded If
 
-    def _static_dim(self, value: ir.Value) -> tuple[str, int] | None:
-        """(x's name, its dim i) for `value` = Gather(Shape(x), i) with that dim static."""
-        gather = _through_unit_ops(value).producer()
-        if gather is None or gather.op_type != "Gather":
-            return None
-        shape_node = gather.inputs[0].producer() if gather.inputs[0] is not None else None
-        index = _const_int(gather.inputs[1])
-        if shape_node is None or shape_node.op_type != "Shape" or index is None:
-            return None
-        shape = self.dims.get(shape_node.inputs[0].name)
+    def _static_dim(self, source: str, index: int, start: int) -> int | None:
+        """x's dim i (after `start`), where shape inference proves it for every input."""
+        shape = self.dims.get(source)
         if shape is None:
             return None
-        start = shape_node.attributes.get_int("start", 0)
         start = start % len(shape) if shape and start < 0 else start
         index += start
-        if not -len(shape) <= index < len(shape) or shape[index] is None:
+        if not -len(shape) <= index < len(shape):
             return None
-        return shape_node.inputs[0].name, shape[index]
-
-    def _condition(self, cond: ir.Value) -> tuple[bool, str] | None:
-        node = _through_unit_ops(cond).producer()
-        if node is None or node.op_type != "Equal":
-            return None
-        a, b = node.inputs
-        for dim_side, const_side in ((a, b), (b, a)):
-            dim, const = self._static_dim(dim_side), _const_int(const_side)
-            if dim is not None and const is not None:
-                return dim[1] == const, f"dim of {dim[0]!r} is {dim[1]}, the condition compares it with {const}"
-        return None
+        return shape[index]
 
     def _ill_typed_squeeze(self, branch: ir.Graph) -> ir.Node | None:
         for node in branch:
@@ -118,7 +99,7 @@ class FoldSqueezeIfPass(ir.passes.InPlacePass):
         graph = model.graph
         self.folded = []
         for node in [n for n in graph if n.op_type == "If"]:
-            decided = self._condition(node.inputs[0])
+            decided = dim_equality(node.inputs[0], self._static_dim)
             if decided is None:
                 continue
             taken, why = decided
