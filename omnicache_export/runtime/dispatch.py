@@ -104,18 +104,25 @@ class StepDispatch:
     def cache_feeds(self, i: int, model_feeds: Mapping[str, torch.Tensor], state: CacheState,
                     tables: Mapping[str, torch.Tensor] | None, steps: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cache graph's feeds at step i. `steps`: int64 [N, 1] of step indices on the device."""
-        sources = {
-            Feed.MODEL: lambda t: model_feeds[t.source],
-            Feed.STEP: lambda t: steps[i],
-            Feed.FULL_PREV: lambda t: state.prev,
-            Feed.FULL_PREV2: lambda t: state.prev2,
-            Feed.CACHE: lambda t: state.last(t.source),
-            Feed.CACHE_PREV: lambda t: state.before_last(t.source) if state.n_full > 1 else state.last(t.source),
-            Feed.TABLE: lambda t: tables[t.source],
-        }
         if self.table_names and tables is None:
             raise ValueError(f"this cache graph takes its correction tables as inputs: {self.table_names}")
-        return {t.name: sources[t.feed](t) for t in self.cache_io.inputs}
+        feeds = {}
+        for t in self.cache_io.inputs:  # runs every cached step: a plain branch per input, no closures
+            if t.feed is Feed.MODEL:
+                feeds[t.name] = model_feeds[t.source]
+            elif t.feed is Feed.CACHE:
+                feeds[t.name] = state.last(t.source)
+            elif t.feed is Feed.CACHE_PREV:  # before two full steps ρ = 0: the last cache will do
+                feeds[t.name] = state.before_last(t.source) if state.n_full > 1 else state.last(t.source)
+            elif t.feed is Feed.FULL_PREV:
+                feeds[t.name] = state.prev
+            elif t.feed is Feed.FULL_PREV2:
+                feeds[t.name] = state.prev2
+            elif t.feed is Feed.STEP:
+                feeds[t.name] = steps[i]
+            else:
+                feeds[t.name] = tables[t.source]
+        return feeds
 
     def run_cached(self, runner: Runner, feeds: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]) -> None:
         runner.infer(feeds, outputs=out, names=list(out))
