@@ -42,6 +42,13 @@ def add_output_options(p: argparse.ArgumentParser, help: str, metavar: str, requ
                        help=force_help or f"replace an existing {metavar} (default: refuse)")
 
 
+def add_output_folder(p: argparse.ArgumentParser) -> None:
+    """`-o OUT` and `--force` of the verbs that write an export folder (the main job, `split`)."""
+    add_output_options(p, "output folder: must not exist (written under a temporary name, renamed at the end)",
+                       "OUT", force_help="replace OUT if it is an earlier export or an empty folder "
+                       "(default: refuse an existing OUT)")
+
+
 def parse_dims(items: list[str] | None) -> dict[str, list[int | None]]:
     """`--input-shape NAME=2,4,32,32` (a `?` keeps a dimension dynamic)."""
     dims: dict[str, list[int | None]] = {}

@@ -18,9 +18,7 @@ def register(verbs, parents: list[argparse.ArgumentParser]) -> None:
                          "(the default verb)", description="The main job: inspect, split, calibrate (schedule, "
                          "correction, filters), embed the correction, verify, write the manifest and the report.")
     common.add_model_options(p)
-    common.add_output_options(p, "output folder: must not exist (written under a temporary name, renamed at "
-                              "the end)", "OUT", force_help="replace OUT if it is an earlier export or an empty "
-                              "folder (default: refuse an existing OUT)")
+    common.add_output_folder(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--scheduler", default=None, metavar="NAME|FILE.json",
                    help=f"ddim | dpmsolver++ | euler | flow-euler | a diffusers scheduler_config.json (default: "

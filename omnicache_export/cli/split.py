@@ -13,9 +13,7 @@ def register(verbs, parents: list[argparse.ArgumentParser]) -> None:
                          "(blocks cut)", description="Only the graph split: OUT/full.onnx, OUT/cache.onnx "
                          "(uncorrected) and OUT/split.json.")
     common.add_model_options(p)
-    common.add_output_options(p, "output folder: must not exist (written under a temporary name, renamed at "
-                              "the end)", "OUT", force_help="replace OUT if it is an earlier export or an empty "
-                              "folder (default: refuse an existing OUT)")
+    common.add_output_folder(p)
     p.add_argument("--no-verify", action="store_true",
                    help="skip the numeric check on a synthesized input (default: checked where the weights "
                         "are at most 1 GiB)")
