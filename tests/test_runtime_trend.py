@@ -17,7 +17,6 @@ from omnicache_export.passes.cache_names import cache_name, prev_cache_name
 from omnicache_export.pipeline.job import (
     UNCORRECTED,
     ExportOptions,
-    _describe,
     _write_cache_graph,
     calibration_graphs,
     sampling_spec,
@@ -47,10 +46,9 @@ def test_runtime_with_cache_trend_matches_calibration(zoo_export, tmp_path, mix)
         plain = data.sample(graphs.plain, full, CorrectionTables.build(Correction.none(8), full, t, None)).final
     finally:
         graphs.close()
-    cache_io = _write_cache_graph(tmp_path, analysis, spec, names, tables, None, full)
+    full_io, cache_io = _write_cache_graph(tmp_path, analysis, spec, names, tables, None, full)
     inputs = {v.name for v in ir.load(tmp_path / "cache.onnx").graph.inputs}
     assert prev_cache_name(cache_name(0)) in inputs and "omnicache_coefficients" not in inputs
-    full_io = _describe(tmp_path, "full.onnx", "cache.onnx", analysis.io, names, spec)[0]
     rt = OmniCache.from_files(tmp_path / "full.onnx", tmp_path / "cache.onnx", full_io, cache_io, spec, full)
     try:
         got = rt.sample(cond, {}, 0, batched={"class_labels"})

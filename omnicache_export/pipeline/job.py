@@ -175,8 +175,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
             graphs.close()
         best = result.best
         tables = result.tables()
-        cache_io = _write_cache_graph(tmp, analysis, spec, names, tables, hw, best.schedule.full)
-        full_io = _describe(tmp, "full.onnx", "cache.onnx", analysis.io, names, spec)[0]
+        full_io, cache_io = _write_cache_graph(tmp, analysis, spec, names, tables, hw, best.schedule.full)
         for name in (CALIB_PLAIN, CALIB_FILTERED, UNCORRECTED):
             for path in (tmp / name, tmp / f"{name}.data"):
                 path.unlink(missing_ok=True)
@@ -270,7 +269,7 @@ def _write_cache_graph(folder: Path, analysis: ModelAnalysis, spec: SamplingSpec
                        hw: tuple[int, int] | None, schedule_full: np.ndarray):
     """cache.onnx: the uncorrected cache graph with only the parts the chosen correction uses, its
     tables frozen into constants, and the schedule and sampling record in its metadata (the runtime
-    checks the manifest against them: `runtime.graph_check`). Returns its GraphIO."""
+    checks the manifest against them: `runtime.graph_check`). Returns both graphs' GraphIO."""
     model = build_cache_graph(modelio.load_model(folder / UNCORRECTED), spec.output, names, spec.n_steps,
                               trend=bool(np.any(tables.trend)), blend=bool(np.any(tables.blend)),
                               filter_hw=hw if tables.has_filter else None)
@@ -279,7 +278,7 @@ def _write_cache_graph(folder: Path, analysis: ModelAnalysis, spec: SamplingSpec
     model.metadata_props.update(embedded_metadata(schedule_full, Sampling.from_spec(spec).to_json()))
     _save(model, folder / "cache.onnx")
     del model
-    return _describe(folder, "full.onnx", "cache.onnx", analysis.io, names, spec)[1]
+    return _describe(folder, "full.onnx", "cache.onnx", analysis.io, names, spec)
 
 
 def verify_runtime(folder: Path, full_io, cache_io, spec: SamplingSpec, data: CalibrationSet, result) -> dict:
