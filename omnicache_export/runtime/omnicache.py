@@ -19,7 +19,7 @@ from omnicache_export.engines import load_engine
 from omnicache_export.runtime.dispatch import StepDispatch
 from omnicache_export.runtime.generation import Generation, Sampled, sample_rows
 from omnicache_export.runtime.graph_io import GraphIO
-from omnicache_export.runtime.sampler import SamplingSpec, batched_feeds, to_torch
+from omnicache_export.runtime.sampler import SamplingSpec, to_torch
 
 
 class OmniCache:
@@ -102,4 +102,4 @@ class OmniCache:
         self.dispatch.close()
 
 
-__all__ = ["OmniCache", "Generation", "batched_feeds"]
+__all__ = ["OmniCache", "Generation"]

@@ -306,12 +306,5 @@ def sample(
     return final, (torch.stack(trajectory, dim=1).numpy() if record else None)
 
 
-def chunks(n: int, size: int):
-    """(rows, padded rows) of each chunk of `size` samples; the last one padded with its final row."""
-    for start in range(0, n, size):
-        rows = list(range(start, min(n, start + size)))
-        yield rows, rows + [rows[-1]] * (size - len(rows))
-
-
 def timesteps_of(spec: SamplingSpec) -> np.ndarray:
     return Denoiser(copy.deepcopy(spec)).timesteps.numpy().astype(np.float64)
