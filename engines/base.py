@@ -75,6 +75,13 @@ class Engine(abc.ABC):
     def runner(self) -> Runner:
         """A new execution context."""
 
+    @classmethod
+    def generation_runners(cls, engines: Sequence[Engine]) -> list[Runner]:
+        """A runner of each of `engines` (all of this class) for one generation, whose engines run in
+        turn, never at once: a backend overrides it to share per-generation resources among them
+        (TensorRT: one activation buffer and stream)."""
+        return [e.runner() for e in engines]
+
     def close(self) -> None:
         """Release the compiled graph."""
 
@@ -98,6 +105,19 @@ class EngineLoader(abc.ABC):
         if self._engine is None:
             self._engine = self.load()
         return self._engine
+
+
+def generation_runners(*engines: Engine) -> tuple[Runner, ...]:
+    """A runner of each engine for one generation, in order: engines of one backend class get their
+    runners from that class's `Engine.generation_runners`, so they can share what it shares."""
+    by_class: dict[type, list[int]] = {}
+    for i, e in enumerate(engines):
+        by_class.setdefault(type(e), []).append(i)
+    runners: list[Runner | None] = [None] * len(engines)
+    for cls, idx in by_class.items():
+        for i, r in zip(idx, cls.generation_runners([engines[i] for i in idx])):
+            runners[i] = r
+    return tuple(r for r in runners if r is not None)
 
 
 def infer_numpy(engine: Engine, feeds: Mapping, names: Sequence[str] | None = None) -> dict:

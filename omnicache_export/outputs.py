@@ -46,7 +46,8 @@ _OURS = re.compile(r"^\.(?P<name>.+)\.(?P<tag>omnicache-tmp|omnicache-old)-(?P<p
 MARKERS = ("omnicache.json", "split.json")  # what an earlier export (main job, split job) holds
 # Everything the main and the split job write into their folder (the manifest's artifacts besides).
 WRITTEN = {"omnicache.json", "split.json", "report.html", "full.onnx", "full.onnx.data", "cache.onnx",
-           "cache.onnx.data"}
+           "cache.onnx.data",
+           "tensorrt"}  # build_engines.sh's plans and timing cache (its own folder, made on the target)
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1

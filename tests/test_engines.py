@@ -210,8 +210,8 @@ def test_devices_and_backends():
             OnnxRuntimeLoader("unused.onnx", device="cuda")
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         OnnxRuntimeLoader("unused.onnx", device="tpu")
-    with pytest.raises(ValueError, match="unknown engine backend 'tensorrt' \\(known: onnxruntime\\)"):
-        load_engine("tensorrt", "unused.onnx")
+    with pytest.raises(ValueError, match="unknown engine backend 'openvino' \\(known: onnxruntime, tensorrt\\)"):
+        load_engine("openvino", "unused.onnx")
 
 
 def test_registry_imports_no_backend():

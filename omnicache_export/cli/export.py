@@ -33,6 +33,20 @@ def register(verbs, parents: list[argparse.ArgumentParser]) -> None:
                    help="one sample's latent shape where it is dynamic (default: the latent input's own shape)")
     s.add_argument("--timestep-scale", type=float, default=1.0, metavar="S",
                    help="model timestep = scheduler timestep x this, e.g. 0.001 for Flux (default: 1)")
+    g = p.add_argument_group("precision")
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="the graphs' compute precision: fp16 / bf16 mixed precision in the graph (timestep path, "
+                        "normalizations and softmax kept in fp32), converted before calibration so the schedule "
+                        "fits it (default: fp32, the model as it is, fp16 models included)")
+    g.add_argument("--io-precision", choices=["model", "fp32", "fp16", "bf16"], default="model",
+                   help="float inputs and outputs of the converted graphs (default: model, as the model has them)")
+    t = p.add_argument_group("target")
+    t.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="what calibration runs on: tensorrt builds both plans first (needs TensorRT and a GPU) and "
+                        "records them in the manifest (default: onnxruntime)")
+    t.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="calibration's device: cuda is ONNX Runtime's CUDA provider (default: cpu; cuda with "
+                        "--backend tensorrt)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", type=Path, metavar="FILE.npz",
                    help="conditioning arrays keyed by input name (default: synthesized from the input shapes, "
@@ -79,6 +93,9 @@ def _check(a: argparse.Namespace) -> None:
     if a.max_consecutive < 1:
         raise UserError("--max-consecutive must be at least 1")
     common.input_file(a.model, "an ONNX file")
+    from omnicache_export.pipeline.tensorrt_build import check_calibration_target
+
+    check_calibration_target(a.backend, a.device)  # one line where this machine lacks it, before any work
     common.input_file(a.calib, "an .npz file")
     if a.scheduler is not None and a.scheduler not in SCHEDULER_PRESETS and Path(a.scheduler).is_dir():
         raise UserError(f"--scheduler {a.scheduler}: is a directory, not a scheduler_config.json")
@@ -117,6 +134,10 @@ def run(a: argparse.Namespace) -> int:
         timestep=a.timestep,
         region_start=a.region_start,
         region_end=a.region_end,
+        precision=a.precision,
+        io_precision=a.io_precision,
+        backend=a.backend,
+        device=a.device,
         force=a.force,
         progress=not a.quiet,
     )
@@ -134,9 +155,16 @@ def run(a: argparse.Namespace) -> int:
     print(sampling_line(manifest.sampling.scheduler, len(sched.full), manifest.sampling.guidance_scale, how))
     print(f"schedule {sched.name}: {sched.pattern} ({sched.n_cached} of {len(sched.full)} steps cached)")
     print(f"correction: {manifest.correction.name}")
+    if a.precision != "fp32" or manifest.engines[0].precision.value != "fp32":
+        print(f"precision: {manifest.engines[0].precision.value} in the graphs (--precision {a.precision}, "
+              f"--io-precision {a.io_precision})")
     print(f"quality vs no cache on the calibration samples: {quality.psnr_db_mean:.2f} dB PSNR")
     measured = speed.measured_speedup
     if measured:
         print(f"speedup: predicted {speed.predicted_speedup:.2f}x, measured {measured:.2f}x (ONNX Runtime, CPU)")
     print(f"wrote {out}/full.onnx, {out}/cache.onnx, {out}/omnicache.json, {out}/report.html")
+    if not any(e.backend == "tensorrt" for e in manifest.engines):
+        from omnicache_export.pipeline.tensorrt_build import not_built_line
+
+        print(not_built_line(out, a.backend))
     return 0

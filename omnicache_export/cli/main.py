@@ -5,6 +5,8 @@
   omnicache-export inspect MODEL.onnx [-o FILE.json]     input roles and the located block stack
   omnicache-export split MODEL.onnx -o OUT               full.onnx + cache.onnx
   omnicache-export example NAME -o MODEL.onnx            a DiT export to try it on
+  omnicache-export check MODEL.onnx|OUT                  TensorRT readiness (10.3, 10.16, 11.x)
+  omnicache-export build OUT [--batch MIN,OPT,MAX]       both TensorRT engines (TensorRT + GPU)
 
 Every verb takes -o/--output, --force, -v and -q. Bad input, a signal, a full disk: one line on
 stderr, exit status 2 (130 for SIGINT, 143 for SIGTERM), and nothing half-written left behind;
@@ -17,9 +19,9 @@ import argparse
 import sys
 
 from omnicache_export.cli import args as common
-from omnicache_export.cli import example, export, failures, inspect, run, split
+from omnicache_export.cli import build, check, example, export, failures, inspect, run, split
 
-VERBS = ("export", "run", "inspect", "split", "example")
+VERBS = ("export", "run", "inspect", "split", "example", "check", "build")
 _TOP_FLAGS = {"-v", "--verbose", "-q", "--quiet"}
 
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
     common.add_logging_options(shared)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for module in (export, run, inspect, split, example):
+    for module in (export, run, inspect, split, example, check, build):
         module.register(verbs, [shared])
     return parser
 

@@ -19,7 +19,9 @@ from omnicache_export.graph.synthetic import synthesize
 from omnicache_export.hashing import sha256_file
 from omnicache_export.passes.add_cache_output import AddCacheOutputPass
 from omnicache_export.passes.cache_names import cache_name
+from omnicache_export.passes.batch_major_cache import BatchMajorCachePass
 from omnicache_export.passes.cut_block_stack import CutBlockStackPass
+from omnicache_export.passes.static_io_dims import StaticIODimsPass
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,19 @@ def build_graphs(path: Path, analysis: ModelAnalysis, source: ir.Model | None = 
     cache = fresh()
     latent = next((s.name for s in analysis.io if s.role == "latent"), None)
     CutBlockStackPass(analysis.region, latent, (analysis.shapes_b1, analysis.shapes_b2))(cache)
+    batch = batch_symbol(analysis)
+    exact_dims = StaticIODimsPass(analysis.shapes_b1, analysis.shapes_b2, batch)
+    batch_major = BatchMajorCachePass([s.shape for s in analysis.region.streams], batch)
+    for model in (full, cache):  # static dims static, the batch on axis 0 under one symbol (Polygraphy, TensorRT)
+        batch_major(model)
+        exact_dims(model)
     return full, cache
+
+
+def batch_symbol(analysis: ModelAnalysis) -> str:
+    """The latent's axis-0 name (where symbolic): the batch's one name on every input and output."""
+    latent = next((s for s in analysis.io if s.role == "latent"), None)
+    return latent.shape[0] if latent is not None and latent.shape and isinstance(latent.shape[0], str) else "batch"
 
 
 def write_graphs(model_path: Path, source: ir.Model, analysis: ModelAnalysis, folder: Path, cache_name: str = "cache.onnx") -> None:

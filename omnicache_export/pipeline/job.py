@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from omnicache_export.errors import UserError
 from omnicache_export.io_spec import IOSpec
 from omnicache_export.io_spec import NUMPY_DTYPES
 from omnicache_export.graph.synthetic import index_ranges, synthesize_conditioning
+from omnicache_export.pipeline import tensorrt_build
 from omnicache_export.pipeline.memory import plan_calibration
 from omnicache_export.runtime.conditioning import Conditioning, batched_inputs, load_conditioning
-from omnicache_export.pipeline.record import build_manifest
+from omnicache_export.pipeline.record import build_manifest, onnxruntime_entry
+from omnicache_export.graph.precision import convert_model, graph_precision
 from omnicache_export.runtime.graph_check import embedded_metadata
 from omnicache_export.runtime.manifest import Manifest, Sampling, Speed, Verification, write_manifest
 from omnicache_export.passes.cache_names import cache_name
@@ -38,6 +41,7 @@ from omnicache_export.graph.split import check_saved, write_graphs
 
 logger = logging.getLogger(__name__)
 UNCORRECTED = "cache.uncorrected.onnx"
+CONVERTED = "source.converted.onnx"  # --precision fp16/bf16: the converted model the split starts from
 
 
 @dataclasses.dataclass
@@ -63,6 +67,10 @@ class ExportOptions:
     timestep: str | None = None
     region_start: str | None = None
     region_end: str | None = None
+    precision: str = "fp32"  # fp32 (the model as it is) | fp16 | bf16: graph/precision.convert_model
+    io_precision: str = "model"  # model | fp32 | fp16 | bf16: the converted graphs' float inputs and outputs
+    backend: str = "onnxruntime"  # what calibration runs on: onnxruntime | tensorrt (builds the plans first)
+    device: str | None = None  # cpu | cuda (None: cpu for onnxruntime, cuda for tensorrt)
     force: bool = False
     progress: bool = True
 
@@ -132,15 +140,19 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
     check_steps(scheduler_config(opts.scheduler, opts.prediction_type), opts.steps)  # its timesteps, its cap
     if opts.cache_ratio is not None and opts.speedup is not None:
         raise UserError("give --cache-ratio or --speedup, not both")
+    device = tensorrt_build.check_calibration_target(opts.backend, opts.device)  # this machine has it
     inputs = input_paths(model_path, opts)
     outputs.check_output_dir(out_dir, force=opts.force, inputs=inputs)  # before any work
     source = modelio.load_user_model(model_path)
+    # Converted once, before analysis: both graphs derive from it, calibration fits the deployed precision.
+    source = convert_model(source, opts.precision, opts.io_precision, opts.latent, opts.timestep)
     dims = dict(opts.input_dims or {})
     analysis = analyze(source, opts.latent, opts.timestep, opts.region_start, opts.region_end, dims)
     if opts.latent_shape:
         latent = analysis.role("latent")[0].name
         dims[latent] = [None, *opts.latent_shape]
         analysis = analyze(source, opts.latent, opts.timestep, opts.region_start, opts.region_end, dims)
+    readiness = tensorrt_readiness("source", model_path.name, source, analysis.shapes_b1)  # a warning, not a refusal
     spec = sampling_spec(analysis, opts)
     cond = conditioning(source, analysis, opts, spec)
     k = min(opts.num_calib, cond.n_samples)
@@ -150,13 +162,18 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
 
     with outputs.atomic_output_dir(out_dir, force=opts.force, inputs=inputs) as tmp:
         t0 = time.perf_counter()
-        write_graphs(model_path, source, analysis, tmp, cache_name=UNCORRECTED)
+        split_from = model_path
+        if opts.precision != "fp32":  # the split reloads its source: the converted model, saved
+            split_from = tmp / CONVERTED
+            _save(source, split_from)
+        write_graphs(split_from, source, analysis, tmp, cache_name=UNCORRECTED)
         names = [cache_name(i) for i in range(len(analysis.region.streams))]
         hw = filter_hw(analysis, spec)
         data = CalibrationSet(spec, calib_cond, calib_uncond, opts.seed, batched, k, batch_size=memory.batch_size,
                               record_budget=memory.record_budget)
+        load = tensorrt_build.calibration_loader(opts.backend, device, spec, memory.batch_size, calib_cond, tmp)
         with _input_model_errors(model_path):
-            graphs = calibration_graphs(tmp, analysis.io, spec, names, hw)
+            graphs = calibration_graphs(tmp, analysis.io, spec, names, hw, load)
         try:
             with _input_model_errors(model_path):  # the first ONNX Runtime load and run of full.onnx
                 cost_ratio, full_ms, cache_ms = measure_cost_ratio(graphs.plain, data)
@@ -176,10 +193,14 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
         best = result.best
         tables = result.tables()
         full_io, cache_io = _write_cache_graph(tmp, analysis, spec, names, tables, hw, best.schedule.full)
-        for name in (CALIB_PLAIN, CALIB_FILTERED, UNCORRECTED):
+        for name in (CALIB_PLAIN, CALIB_FILTERED, UNCORRECTED, CONVERTED):
             for path in (tmp / name, tmp / f"{name}.data"):
                 path.unlink(missing_ok=True)
-        verification = verify_runtime(tmp, full_io, cache_io, spec, data, result)
+        shutil.rmtree(tmp / tensorrt_build.CALIBRATION_PLANS, ignore_errors=True)
+        for graph in ("full", "cache"):  # the graphs as written, before the folder is renamed into place
+            readiness += tensorrt_readiness(graph, f"{graph}.onnx", modelio.load_model(tmp / f"{graph}.onnx"),
+                                            analysis.shapes_b1)  # a value keeps its source name and shape
+        verification = verify_runtime(tmp, full_io, cache_io, spec, data, result, graph_precision(source))
         predicted = sched.speedup_of(spec.n_steps, best.schedule.n_cached, cost_ratio)
         manifest = build_manifest(
             tmp, model_path=model_path, analysis=analysis, spec=spec, result=result, tables=tables,
@@ -187,10 +208,29 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
             synthesized_conditioning=cond.synthesized, seconds=time.perf_counter() - t0,
             speed=Speed(cost_ratio, full_ms, cache_ms, predicted, verification.pop("measured_speedup")),
             verification=Verification(**verification), index_ranges=index_ranges(source, analysis.io),
+            engines=(onnxruntime_entry(graph_precision(source)),),
+            tensorrt_readiness=readiness,
         )
+        # reference IO, build_engines.sh (and with --backend tensorrt the plans), listed as artifacts
+        manifest = tensorrt_build.export_files(tmp, manifest, calib_cond, calib_uncond, batched, opts.seed,
+                                               build_engines=opts.backend == "tensorrt")
         write_manifest(tmp, manifest)
         _write_report(tmp, manifest, result, tables.masks, cond.synthesized)
     return out_dir
+
+
+def tensorrt_readiness(graph: str, what: str, model: ir.Model, shapes: dict | None = None) -> list:
+    """The TensorRT readiness check of one graph (every supported TensorRT line): one warning line
+    naming the first finding where a line is not ready (users may deploy on ONNX Runtime only), and
+    the manifest's records."""
+    from omnicache_export.graph.tensorrt_check import check_model, readiness_records, warning_line
+    from omnicache_export.passes.static_shapes import infer_elem_types
+
+    results = check_model(model, shapes=shapes, types=infer_elem_types(model))
+    line = warning_line(what, results)
+    if line is not None:
+        logger.warning("%s", line)
+    return readiness_records(graph, results)
 
 
 def input_paths(model_path: Path, opts: ExportOptions) -> list[Path]:
@@ -232,6 +272,9 @@ def _default_cached(opts: ExportOptions) -> int:
 CALIB_PLAIN = "calibration.cache.onnx"  # tables as inputs, the uncorrected output exposed
 CALIB_FILTERED = "calibration.cache.filtered.onnx"  # ... with the frequency filter
 VERIFY_TOLERANCE = 1e-3  # max |runtime − calibration| / max |calibration| of the final latents
+# ... times this for graphs in 16-bit floats: frozen and fed tables round differently there (an fp16
+# ulp is 9.8e-4 relative; an all-fp16 dit-digits export measured 1.7e-3 after 6 steps).
+HALF_TOLERANCE_FACTOR = 10
 SPEED_ROUNDS = 3  # measured speedup: median of this many interleaved cached / uncached sampling runs
 SPEED_METHOD = (f"median of {SPEED_ROUNDS} interleaved sampling runs with and without cache, after a warm-up, "
                 "same seeds and conditions")
@@ -248,9 +291,11 @@ def _describe(folder: Path, full: str, cache: str, io: list[IOSpec], names: list
 
 
 def calibration_graphs(folder: Path, io: list[IOSpec], spec: SamplingSpec, names: list[str],
-                       hw: tuple[int, int] | None) -> CalibrationGraphs:
+                       hw: tuple[int, int] | None, load=None) -> CalibrationGraphs:
     """From `folder`'s full.onnx and uncorrected cache graph: the full graph and the parametric cache
-    graphs (tables as inputs) behind the runtime's dispatch, the engines loaded as the runtime loads them."""
+    graphs (tables as inputs) behind the runtime's dispatch, the engines loaded as the runtime loads them
+    (`load(path, graph, full_io, cache_io)`, `tensorrt_build.calibration_loader`; default ONNX Runtime, CPU)."""
+    load = load or (lambda path, graph, full_io, cache_io: load_engine("onnxruntime", path))
 
     def dispatch(cache_file: str, filter_hw) -> StepDispatch:
         model = build_cache_graph(modelio.load_model(folder / UNCORRECTED), spec.output, names, spec.n_steps,
@@ -258,8 +303,8 @@ def calibration_graphs(folder: Path, io: list[IOSpec], spec: SamplingSpec, names
         _save(model, folder / cache_file)
         del model
         full_io, cache_io = _describe(folder, "full.onnx", cache_file, io, names, spec)
-        return StepDispatch(load_engine("onnxruntime", folder / "full.onnx"),
-                            load_engine("onnxruntime", folder / cache_file), full_io, cache_io)
+        return StepDispatch(load(folder / "full.onnx", "full", full_io, cache_io),
+                            load(folder / cache_file, "cache", full_io, cache_io), full_io, cache_io)
 
     return CalibrationGraphs(dispatch(CALIB_PLAIN, None),
                              (lambda: dispatch(CALIB_FILTERED, hw)) if hw is not None else None)
@@ -281,7 +326,8 @@ def _write_cache_graph(folder: Path, analysis: ModelAnalysis, spec: SamplingSpec
     return _describe(folder, "full.onnx", "cache.onnx", analysis.io, names, spec)
 
 
-def verify_runtime(folder: Path, full_io, cache_io, spec: SamplingSpec, data: CalibrationSet, result) -> dict:
+def verify_runtime(folder: Path, full_io, cache_io, spec: SamplingSpec, data: CalibrationSet, result,
+                   precision: str = "fp32") -> dict:
     """The runtime on the exported graphs (tables frozen) against calibration's run of the chosen
     candidate (same dispatch, same seeds and conditions, tables fed): they must agree within
     VERIFY_TOLERANCE, else the export fails. Also its PSNR against sampling without cache, and the
@@ -306,12 +352,13 @@ def verify_runtime(folder: Path, full_io, cache_io, spec: SamplingSpec, data: Ca
         rt.close()
     scale = float(np.abs(result.best.final).max()) or 1.0
     err = float(np.abs(cached - result.best.final).max() / scale)
-    if not np.isfinite(err) or err > VERIFY_TOLERANCE:
+    tolerance = VERIFY_TOLERANCE * (1 if precision == "fp32" else HALF_TOLERANCE_FACTOR)
+    if not np.isfinite(err) or err > tolerance:
         raise UserError(f"verification failed: the exported graphs' samples differ from calibration's by {err:.3g} "
-                        f"(relative, tolerance {VERIFY_TOLERANCE:g}); please report this with the model")
+                        f"(relative, tolerance {tolerance:g}); please report this with the model")
     return {
         "runtime_vs_calibration_max_rel_err": err,
-        "tolerance": VERIFY_TOLERANCE,
+        "tolerance": tolerance,
         "runtime_psnr_db_vs_no_cache": float(psnr(cached, result.reference).mean()),
         "measured_speedup": t_full / t_cached if t_cached > 0 else None,
     }

@@ -26,6 +26,11 @@ if TYPE_CHECKING:  # calibration and graph analysis stay out of this module's im
 ONNXRUNTIME_FP32 = mf.EngineEntry("onnxruntime", mf.ANY_DEVICE, mf.Precision.FP32, "full.onnx", "cache.onnx")
 
 
+def onnxruntime_entry(precision: str) -> mf.EngineEntry:
+    """The ONNX Runtime entry of graphs that hold `precision` (fp16 after `--precision fp16`, or an fp16 model)."""
+    return mf.EngineEntry("onnxruntime", mf.ANY_DEVICE, mf.Precision(precision), "full.onnx", "cache.onnx")
+
+
 def build_manifest(
     folder: Path,
     *,
@@ -45,6 +50,7 @@ def build_manifest(
     verification: mf.Verification,
     engines: Sequence[mf.EngineEntry] = (ONNXRUNTIME_FP32,),
     index_ranges: Mapping[str, tuple[int, int]] | None = None,
+    tensorrt_readiness: Sequence[mf.TensorRTReadiness] = (),
 ) -> mf.Manifest:
     """The manifest of the export in `folder` (its graphs written: every engine file and its
     `.data` side file is hashed here).
@@ -57,7 +63,8 @@ def build_manifest(
     synthesized_conditioning: the calibration set; seconds: calibration's wall time; speed,
     verification: the measured records; engines: the graph files per backend, device, precision;
     index_ranges: each integer input's [low, high) embedding rows (`graph.synthetic.index_ranges`),
-    which the runtime checks its inputs against.
+    which the runtime checks its inputs against; tensorrt_readiness: the TensorRT readiness check
+    of the input model and both graphs (`graph.tensorrt_check.readiness_records`).
     """
     best = result.best
     files = sorted({name for e in engines for name in (e.full, e.cache)})
@@ -78,6 +85,7 @@ def build_manifest(
         verification=verification,
         engines=tuple(engines),
         artifacts=mf.artifact_entries(folder, files),
+        tensorrt_readiness=tuple(tensorrt_readiness),
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from omnicache_export.engines.base import Engine, Runner
+from omnicache_export.engines.base import Engine, Runner, generation_runners
 from omnicache_export.runtime.graph_io import Feed, GraphIO
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "DOUBLE": torch.float64,
@@ -84,7 +84,8 @@ class StepDispatch:
         self.device = full.device
 
     def runners(self) -> tuple[Runner, Runner]:
-        return self.full.runner(), self.cache.runner()
+        full, cache = generation_runners(self.full, self.cache)  # TensorRT: one shared activation buffer
+        return full, cache
 
     def new_state(self, full_runner: Runner, model_feeds: Mapping[str, torch.Tensor]) -> CacheState:
         shapes = full_runner.output_shapes({t.name: tuple(model_feeds[t.source].shape) for t in self.full_io.inputs})

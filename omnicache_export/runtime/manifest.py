@@ -388,25 +388,75 @@ class Precision(str, enum.Enum):
     INT8 = "int8"
 
 
+TENSORRT = "tensorrt"  # the backend whose engine files are TensorRT plans (built for one GPU)
+Shape = tuple[int, ...]
+
+
+def tensorrt_device(compute_capability: tuple[int, int]) -> str:
+    """The device key of TensorRT plans built for GPUs of this compute capability ("cuda-sm90"): a
+    plan runs only on the GPU kind it was built for, so one export may hold plans for several."""
+    return f"cuda-sm{compute_capability[0]}{compute_capability[1]}"
+
+
+@record
+class TensorRtPlan(_Record):
+    """What one graph's TensorRT plan was built with and for. The runtime compares it with the
+    TensorRT and GPU at hand before it deserializes the plan (`engines.tensorrt.check_plan_compatible`):
+    a plan loads only in the TensorRT version that built it and runs only on that GPU kind."""
+
+    tensorrt_version: str  # "10.16.1.11"
+    gpu_name: str  # "NVIDIA H200"
+    compute_capability: tuple[int, int]
+    # optimization profiles: input -> (min, opt, max) shape, every dynamic input of the graph
+    profiles: tuple[dict[str, tuple[Shape, Shape, Shape]], ...]
+    opt_level: int  # the builder optimization level
+    refittable: bool  # weights can be swapped (LoRA) without a rebuild
+    workspace_bytes: int | None  # the workspace limit (None: TensorRT's default, the GPU's memory)
+
+
+def _cc(cc: tuple[int, int]) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
 @record
 class EngineEntry(_Record):
     """The two graph files one backend runs on one device (or `any`) at one precision."""
 
-    backend: str  # an engines backend name ("onnxruntime", ...)
-    device: str  # "any", "cpu", "cuda", ...
+    backend: str  # an engines backend name ("onnxruntime", "tensorrt", ...)
+    device: str  # "any", "cpu", "cuda", ...; TensorRT plans: `tensorrt_device` of their GPU ("cuda-sm90")
     precision: Precision
     full: str  # paths relative to the export folder, listed in artifacts
     cache: str
+    # TensorRT plans only: graph ("full", "cache") -> what its plan was built with and for.
+    # Optional (absent from the other backends' entries and from manifests written before it).
+    plans: dict[str, TensorRtPlan] = dataclasses.field(default_factory=dict, metadata={"optional": True})
 
     @property
     def key(self) -> str:
         return f"{self.backend}/{self.device}/{self.precision.value}"
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        if not self.plans:  # the other backends' entries read as before
+            del data["plans"]
+        return data
 
 
 @record
 class Artifact(_Record):
     sha256: str
     bytes: int
+
+
+@record
+class TensorRTReadiness(_Record):
+    """One graph checked against one TensorRT line's ONNX parser matrix at export (graph.tensorrt_check)."""
+
+    graph: str  # "source" (the input model), "full", "cache"
+    line: str  # the TensorRT line: "10.3", "10.16", "11"
+    table_version: str  # the operator table it was checked against
+    ready: bool
+    first_finding: str | None  # the first finding (node, op, rule); None where ready
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -426,6 +476,8 @@ class Manifest(_Record):
     verification: Verification
     engines: tuple[EngineEntry, ...]
     artifacts: dict[str, Artifact]  # path relative to the folder -> hash and size
+    # Optional (manifests written before it lack it): the TensorRT readiness check's result per graph and line.
+    tensorrt_readiness: tuple[TensorRTReadiness, ...] = dataclasses.field(default=(), metadata={"optional": True})
     # Where it was read from (not serialized): engine_paths resolves inside it.
     folder: Path | None = dataclasses.field(default=None, compare=False, repr=False, metadata={"json": False})
 
@@ -449,22 +501,24 @@ class Manifest(_Record):
 
     def engine(self, backend: str, device: str = ANY_DEVICE, precision: str | Precision | None = None) -> EngineEntry:
         """The entry for `backend` on `device` (an `any` entry serves every device), at `precision`
-        (None: the only one there is). An exact device match wins over `any`."""
+        (None: the only one there is). An exact device match wins over `any`; a device family
+        ("cuda") also matches its keyed members (TensorRT's "cuda-sm90")."""
         have = ", ".join(e.key for e in self.engines)
         try:
             wanted = None if precision is None else Precision(precision)
         except ValueError:
             raise UserError(f"precision {precision!r}: not one of {', '.join(p.value for p in Precision)}") from None
-        matches = [e for e in self.engines if e.backend == backend and e.device in (device, ANY_DEVICE)
-                   and wanted in (None, e.precision)]
+        matches = [e for e in self.engines if e.backend == backend and wanted in (None, e.precision)
+                   and (e.device in (device, ANY_DEVICE) or e.device.startswith(f"{device}-"))]  # cuda: cuda-sm90 too
         exact = [e for e in matches if e.device == device]
         matches = exact or matches
         label = f"{backend}/{device}/{wanted.value if wanted else '*'}"
         if not matches:
             raise UserError(f"the export has no engine {label} (it has: {have})")
         if len(matches) > 1:
+            what = "device" if len({e.device for e in matches}) > 1 else "precision"
             raise UserError(f"the export has several engines for {label} ({', '.join(e.key for e in matches)}): "
-                            "give the precision")
+                            f"give the {what}")
         return matches[0]
 
     def engine_paths(self, backend: str, device: str = ANY_DEVICE,
@@ -485,6 +539,59 @@ def check_rules(m: Manifest) -> None:
     _check_steps(m)
     _check_io(m)
     _check_files_listed(m)
+    _check_tensorrt_readiness(m)
+    _check_plans(m)
+
+
+def _check_tensorrt_readiness(m: Manifest) -> None:
+    for i, r in enumerate(m.tensorrt_readiness):
+        if r.ready != (r.first_finding is None):
+            raise SchemaError(f"tensorrt_readiness[{i}]", "ready exactly when there is no first_finding")
+
+
+def _check_plans(m: Manifest) -> None:
+    """TensorRT entries carry one plan record per graph, built together (one TensorRT, one GPU), for
+    the device key of that GPU, with profiles that cover every dynamic input of the graph."""
+    for i, entry in enumerate(m.engines):
+        path = f"engines[{i}]"
+        if entry.backend != TENSORRT:
+            if entry.plans:
+                raise SchemaError(f"{path}.plans", f"only {TENSORRT} entries record plans")
+            continue
+        if sorted(entry.plans) != sorted(GRAPHS):
+            raise SchemaError(f"{path}.plans", f"needs one plan record per graph ({', '.join(GRAPHS)})")
+        first = entry.plans[GRAPHS[0]]
+        for graph in GRAPHS:
+            plan = entry.plans[graph]
+            where = _key(f"{path}.plans", graph)
+            built = (plan.tensorrt_version, plan.gpu_name, tuple(plan.compute_capability))
+            if built != (first.tensorrt_version, first.gpu_name, tuple(first.compute_capability)):
+                raise SchemaError(where, "the two plans were built by different TensorRT versions or GPUs")
+            if entry.device != tensorrt_device(plan.compute_capability):
+                raise SchemaError(f"{path}.device", f"{entry.device!r}: plans for sm {_cc(plan.compute_capability)} "
+                                  f"are device {tensorrt_device(plan.compute_capability)!r}")
+            _check_profiles(plan.profiles, m.graphs[graph].inputs, f"{where}.profiles")
+
+
+def _check_profiles(profiles, inputs: tuple[TensorIO, ...], path: str) -> None:
+    if not profiles:
+        raise SchemaError(path, "no optimization profile")
+    shapes = {t.name: t.shape for t in inputs}
+    dynamic = [t.name for t in inputs if any(isinstance(d, str) for d in t.shape)]
+    for p, profile in enumerate(profiles):
+        missing = [n for n in dynamic if n not in profile]
+        if missing:
+            raise SchemaError(f"{path}[{p}]", f"no range for the dynamic input {missing[0]!r}")
+        for name, (low, opt, high) in profile.items():
+            where = _key(f"{path}[{p}]", name)
+            if name not in shapes:
+                raise SchemaError(where, "not an input of the graph")
+            if not len(low) == len(opt) == len(high) == len(shapes[name]):
+                raise SchemaError(where, f"min, opt and max must have the input's rank {len(shapes[name])}")
+            for axis, (d, a, b, c) in enumerate(zip(shapes[name], low, opt, high)):
+                if not 0 < a <= b <= c or (isinstance(d, int) and not a == c == d):
+                    raise SchemaError(where, f"axis {axis}: min {a}, opt {b}, max {c} (graph dim {d!r}) "
+                                      "need 0 < min <= opt <= max, and the graph's size where it is static")
 
 
 def _check_sampling(m: Manifest) -> None:

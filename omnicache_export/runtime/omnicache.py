@@ -53,6 +53,10 @@ class OmniCache:
         full, cache = manifest.engine_paths(backend, device, precision)
         if full.suffix == cache.suffix == ".onnx":  # graphs it can read (a compiled engine file is opaque here)
             check_graphs(manifest, full, cache, timesteps_of(manifest.sampling_spec()))
+        entry = manifest.engine(backend, device, precision)
+        if entry.plans:  # TensorRT plans run only where they were built: refused before deserialization
+            check_plans(out_dir, entry)
+            device = "cuda"  # the entry's device key names the GPU kind; the loader takes the device
         rt = cls.from_files(full, cache, manifest.graphs["full"], manifest.graphs["cache"],
                             manifest.sampling_spec(), np.array(manifest.schedule.full, dtype=bool),
                             backend, device, **settings)
@@ -100,6 +104,18 @@ class OmniCache:
 
     def close(self) -> None:
         self.dispatch.close()
+
+
+def check_plans(out_dir, entry) -> None:
+    """Each plan of a TensorRT entry against this machine's TensorRT and GPU (one line, UserError)."""
+    from omnicache_export.engines.tensorrt import check_plan_compatible
+    from omnicache_export.errors import UserError
+
+    for graph, plan in entry.plans.items():
+        try:
+            check_plan_compatible(plan)
+        except UserError as exc:
+            raise UserError(f"{out_dir}: {getattr(entry, graph)}: {exc}") from None
 
 
 __all__ = ["OmniCache", "Generation"]
