@@ -45,6 +45,7 @@ def build_manifest(
     verification: mf.Verification,
     engines: Sequence[mf.EngineEntry] = (ONNXRUNTIME_FP32,),
     index_ranges: Mapping[str, tuple[int, int]] | None = None,
+    uncond: str | None = None,
 ) -> mf.Manifest:
     """The manifest of the export in `folder` (its graphs written: every engine file and its
     `.data` side file is hashed here).
@@ -57,10 +58,11 @@ def build_manifest(
     synthesized_conditioning: the calibration set; seconds: calibration's wall time; speed,
     verification: the measured records; engines: the graph files per backend, device, precision;
     index_ranges: each integer input's [low, high) embedding rows (`graph.synthetic.index_ranges`),
-    which the runtime checks its inputs against.
+    which the runtime checks its inputs against; uncond: the stored unconditional rows' file
+    (`runtime.manifest.UNCOND_FILE`), hashed here too.
     """
     best = result.best
-    files = sorted({name for e in engines for name in (e.full, e.cache)})
+    files = sorted({name for e in engines for name in (e.full, e.cache)} | ({uncond} if uncond else set()))
     return mf.Manifest(
         source=mf.Source(Path(model_path).name, sha256_file(model_path)),
         model_io=model_io(analysis, spec, full_io, index_ranges),
@@ -78,6 +80,7 @@ def build_manifest(
         verification=verification,
         engines=tuple(engines),
         artifacts=mf.artifact_entries(folder, files),
+        uncond=uncond,
     )
 
 

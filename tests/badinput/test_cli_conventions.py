@@ -20,7 +20,8 @@ from omnicache_export.cli.main import VERBS, _with_default_verb, build_parser, m
 from omnicache_export.pipeline.job import ExportOptions, _default_cached
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-POSITIONAL = {"export": ["m.onnx"], "run": ["folder"], "inspect": ["m.onnx"], "split": ["m.onnx"], "example": ["dit"]}
+POSITIONAL = {"export": ["m.onnx"], "run": ["folder"], "inspect": ["m.onnx"], "split": ["m.onnx"], "example": ["dit"],
+              "export-model": ["folder"]}
 
 
 @pytest.fixture
