@@ -1,6 +1,7 @@
 """Pass: the cache-reuse-with-correction graph. The cache graph's output gets the OmniCache correction.
 
-New graph inputs: `omnicache_step` (int64 [1], shared with ExtrapolateCachePass where it ran first),
+New graph inputs: `omnicache_step` (int64 [model batch]: each row's own step, shared with
+ExtrapolateCachePass where it ran first),
 `omnicache_full_prev` and `omnicache_full_prev2` (dtype and shape of the output: the model outputs of
 the last two full steps), and the per-step tables, [N, ...] graph inputs gathered by the step:
 `omnicache_coefficients` [N], `omnicache_blend` [N] (with `blend`) and `omnicache_filter_masks`
@@ -8,7 +9,10 @@ the last two full steps), and the per-step tables, [N, ...] graph inputs gathere
 can score every candidate on this very graph; FreezeTablesPass turns them into constants for export.
 The output keeps its name and declared shape and becomes
 
-    out = õ + λ[step] * (full_prev - õ) + coef[step] * F_step(full_prev - full_prev2)
+    out_b = õ_b + λ[step_b] * (full_prev_b - õ_b) + coef[step_b] * F_step_b(full_prev_b - full_prev2_b)
+
+row by row (b: a row of the batch; the gathered [B] or [B, h, w] entries scale their own row,
+`per_row.scale_rows`), so rows at different steps share one call,
 
 with õ the value the graph computed before (also an output, `<output>_uncorrected`, with
 `expose_uncorrected`: calibration fits γ on it) and F_step(z) = Re(IDFT2(M_step * DFT2(z))) over the
@@ -17,20 +21,21 @@ last two axes, lowered to real Hartley MatMuls (omnicache_export.passes.hartley)
     F(z) = H_h @ ((M / (h w)) * (H_h @ z @ H_w)) @ H_w
 
 MatMul broadcasting runs it per batch, channel (and frame) of [B, C, h, w] or [B, C, F, h, w]. Only
-Sub, Gather, Mul, MatMul, Add (+ Cast for 16-bit outputs, + one Reshape of the gathered mask when the
-output's rank is not known to be >= 3); no DFT op, which TensorRT's ONNX parser lacks. The Hartley
+Sub, Gather, Mul, MatMul, Add, and Shape/Concat/Reshape for the per-row factors (+ Cast for 16-bit
+outputs); no DFT op, which TensorRT's ONNX parser lacks. The Hartley
 matrices `omnicache_hartley_<n>` [n, n] are initializers (one, shared, when h == w): they depend on
 (h, w) only. The coefficient is folded into the gathered [1, h, w] mask, so the full-size tensor sees
-one Mul; without a filter the correction is a plain coef * (prev - prev2).
+one Mul per row; without a filter the correction is a plain coef * (prev - prev2).
 
 Precision: the tables and the correction are in the output's dtype for float32/float64 outputs; for
 float16 and bfloat16 outputs in float32 (the difference Cast up, the correction Cast back) because the
 spectrum's DC term sums h*w entries, and only the final Add runs in the output's dtype.
 
-Invariant: where coef[step] == 0 and λ[step] == 0 (full steps, steps with no trend yet) the output
-equals õ (õ + 0; the runtime feeds finite values, e.g. zeros, for missing full outputs); otherwise it
-equals õ + λ (full_prev − õ) + coef · Re(ifft2(M · fft2(full_prev − full_prev2))) — the same numbers
-whether the tables are fed or frozen.
+Invariant, per row b at its step s_b: where coef[s_b] == 0 and λ[s_b] == 0 (full steps, steps with no
+trend yet) the row equals õ_b (õ + 0; the runtime feeds finite values, e.g. zeros, for missing full
+outputs); otherwise it equals õ + λ (full_prev − õ) + coef · Re(ifft2(M · fft2(full_prev − full_prev2)))
+at s_b — the same numbers whether the tables are fed or frozen, and whether the row runs alone or
+beside rows at other steps.
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ from omnicache_export.passes.cache_names import (
     BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_table_input, uncorrected_name, widened,
 )
 from omnicache_export.passes.hartley import hartley_matrix
+from omnicache_export.passes.per_row import scale_rows
 
 _FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
-MASK_SHAPE = "omnicache_mask_shape"
 
 
 def hartley_name(n: int) -> str:
@@ -77,7 +82,7 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
         return next((v for v in model.graph.outputs if v.name == self.output_name), None)
 
     def _new_names(self) -> list[str]:
-        names = [FULL_PREV, FULL_PREV2, COEFFICIENTS, BLEND, MASKS, MASK_SHAPE, uncorrected_name(self.output_name)]
+        names = [FULL_PREV, FULL_PREV2, COEFFICIENTS, BLEND, MASKS, uncorrected_name(self.output_name)]
         if self.filter_hw is not None:
             names += [hartley_name(n) for n in self.filter_hw]
         return names
@@ -113,8 +118,8 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
                            "tables gathered by one step need one length")
         if STEP in values:
             step = inputs.get(STEP)
-            if step is None or step.dtype != ir.DataType.INT64 or tuple(step.shape or ()) != (1,):
-                raise fail(f"{STEP!r} exists but is no int64 [1] graph input, which the correction gathers by")
+            if step is None or step.dtype != ir.DataType.INT64 or step.shape is None or len(step.shape) != 1:
+                raise fail(f"{STEP!r} exists but is no int64 [batch] graph input, which the correction gathers by")
         taken = set(values) | {v.name for v in graph.outputs}
         clash = sorted(taken & set(self._new_names()))
         if clash:
@@ -140,7 +145,7 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
 
         step = next((v for v in graph.inputs if v.name == STEP), None)
         if step is None:
-            step = ir.Value(name=STEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+            step = ir.Value(name=STEP, shape=ir.Shape([None]), type=ir.TensorType(ir.DataType.INT64))
             graph.inputs.append(step)
         prev, prev2 = (ir.Value(name=n, shape=out_tilde.shape, type=out_tilde.type) for n in (FULL_PREV, FULL_PREV2))
         graph.inputs.extend([prev, prev2])
@@ -148,23 +153,18 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
         d = op("Sub", prev, prev2)
         if compute != out_type:
             d = op("Cast", d, to=compute)
-        coef = op("Gather", add_table_input(graph, COEFFICIENTS, [self.n_steps], compute), step, axis=0)  # [1]
+        coef = op("Gather", add_table_input(graph, COEFFICIENTS, [self.n_steps], compute), step, axis=0)  # [B]
         if self.filter_hw is None:
-            corr = op("Mul", d, coef)
+            corr = scale_rows(op, d, coef, step)
         else:
             h, w = self.filter_hw
             left = const(hartley_name(h), hartley_matrix(h))
             right = left if w == h else const(hartley_name(w), hartley_matrix(w))
             table = add_table_input(graph, MASKS, [self.n_steps, h, w], compute)
-            scale = op("Mul", op("Gather", table, step, axis=0), coef)  # [1, h, w]: coef * M / (h w)
-            if out_tilde.shape is None or len(out_tilde.shape) < 3:  # keep [1, h, w] from adding an axis
-                shape = ir.Value(name=MASK_SHAPE, type=ir.TensorType(ir.DataType.INT64))
-                shape.const_value = ir.tensor(np.array([h, w], np.int64), name=shape.name)
-                shape.shape = shape.const_value.shape
-                graph.register_initializer(shape)
-                scale = op("Reshape", scale, shape)
+            # [B, h, w]: coef * M / (h w) per row
+            scale = scale_rows(op, op("Gather", table, step, axis=0), coef, step)
             spectrum = op("MatMul", op("MatMul", left, d), right)
-            corr = op("MatMul", op("MatMul", left, op("Mul", spectrum, scale)), right)
+            corr = op("MatMul", op("MatMul", left, scale_rows(op, spectrum, scale, step, (h, w))), right)
         if compute != out_type:
             corr = op("Cast", corr, to=out_type)
         base = out_tilde
@@ -173,7 +173,7 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
             if compute != out_type:
                 delta = op("Cast", delta, to=compute)
             lam = op("Gather", add_table_input(graph, BLEND, [self.n_steps], compute), step, axis=0)
-            moved = op("Mul", delta, lam)
+            moved = scale_rows(op, delta, lam, step)
             if compute != out_type:
                 moved = op("Cast", moved, to=out_type)
             base = op("Add", out_tilde, moved)

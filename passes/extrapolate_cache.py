@@ -7,13 +7,16 @@ R reads instead
     R̂ = R + ρ[step] * (R − R_prev)
 
 with ρ the float32 table input `omnicache_cache_trend` [N] (ρ_i = a_i · scale: the time ratio of
-step i to its last two full steps) gathered by the new input `omnicache_step` (int64 [1], which the
-correction pass shares, so it runs after this one). TaylorSeer's first-order prediction of the block
+step i to its last two full steps) gathered per row by the new input `omnicache_step` (int64
+[model batch]: each row's own step, so rows at different steps share one call; the correction pass
+shares it, so it runs after this one) and applied to each row (`per_row.scale_rows`; a cache in a
+temporal layout holds B × k rows, batch-major). TaylorSeer's first-order prediction of the block
 stack's output, with the embedding of the current step kept: R is the stack residual h_L − h_0 (or
 h_L for direct reuse). For 16-bit caches the trend is computed in float32 and cast back.
 
-Invariant: where ρ[step] == 0 the graph computes exactly what it did before (R + 0 · d); otherwise
-the output equals the old graph fed R̂ — whether ρ is fed or frozen by FreezeTablesPass.
+Invariant: row by row, where ρ[step_b] == 0 the graph computes exactly what it did before (R + 0 · d);
+otherwise row b of the output equals the old graph's fed R̂ at step_b, whether ρ is fed or frozen by
+FreezeTablesPass; rows at different steps in one call equal each row run alone at its step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import operator
 import onnx_ir as ir
 
 from omnicache_export.passes.add_cache_output import value_index
+from omnicache_export.passes.per_row import scale_rows
 from omnicache_export.passes.cache_names import (
     BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_table_input, prev_cache_name, widened,
 )
@@ -66,7 +70,7 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
-        step = ir.Value(name=STEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+        step = ir.Value(name=STEP, shape=ir.Shape([None]), type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.append(step)
         table = add_table_input(graph, TREND, [self.n_steps], ir.DataType.FLOAT)
         nodes: list[ir.Node] = []
@@ -76,7 +80,7 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
             nodes.append(node)
             return node.outputs[0]
 
-        rho = op("Gather", table, step, axis=0)  # [1]
+        rho = op("Gather", table, step, axis=0)  # [B]: each row's step
         for name in self.cache_names:
             cache = inputs[name]
             readers = list(cache.uses())  # taken before the new nodes read it too
@@ -87,10 +91,11 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
             r = op("Cast", rho, to=cache.dtype) if cache.dtype == ir.DataType.DOUBLE else rho
             if wide != cache.dtype:
                 d = op("Cast", d, to=wide)
-            moved = op("Mul", d, r)
+            moved = scale_rows(op, d, r, step)
             if wide != cache.dtype:
                 moved = op("Cast", moved, to=cache.dtype)
             hat = op("Add", cache, moved)
+            hat.shape, hat.type = cache.shape, cache.type
             hat.name = f"{name}_extrapolated"
             for use in readers:
                 use.node.replace_input_with(use.idx, hat)

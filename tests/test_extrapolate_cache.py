@@ -11,7 +11,9 @@ import pytest
 
 from conftest import max_rel_err, run_ort
 from omnicache_export.graph.embed import build_cache_graph, freeze_cache_graph
-from omnicache_export.passes.cache_names import BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, STEP, TREND, prev_cache_name
+from omnicache_export.passes.cache_names import (
+    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, prev_cache_name,
+)
 from omnicache_export.passes.extrapolate_cache import ExtrapolateCachePass
 from omnicache_export.passes.freeze_tables import FreezeTablesPass
 
@@ -81,7 +83,7 @@ def test_layout_and_shared_step_with_the_correction(split_case, tmp_path):
     assert [v.name for v in graph.inputs] == before + [STEP, *map(prev_cache_name, names), FULL_PREV, FULL_PREV2]
     assert graph.initializers[TREND].dtype == ir.DataType.FLOAT
     added = {n.op_type for n in graph if n.name.startswith("omnicache/cache_trend")}
-    assert added <= {"Gather", "Sub", "Mul", "Add", "Cast"}
+    assert added <= {"Gather", "Sub", "Mul", "Add", "Cast", "Shape", "Concat", "Reshape", "Constant"}
     rng = np.random.default_rng(0)
     shape = run_ort(cache, feeds)["out_sample"].shape
     hist = {FULL_PREV: rng.standard_normal(shape).astype(np.float32), FULL_PREV2: rng.standard_normal(shape).astype(np.float32)}
@@ -90,6 +92,35 @@ def test_layout_and_shared_step_with_the_correction(split_case, tmp_path):
     tilde = run_ort(cache, {**feeds, **hat})["out_sample"]
     expected = tilde + 0.5 * (hist[FULL_PREV] - tilde) + 0.5 * (hist[FULL_PREV] - hist[FULL_PREV2])
     assert max_rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["dit", "latte"])  # latte: a cache of batch x frames rows
+def test_rows_at_different_steps_equal_each_row_alone(family, split_case, tmp_path):
+    """One call with a step per row (`omnicache_step` int64 [B]) gives each row what it gives alone
+    at its step (trend, blend, correction and filter all gathered per row), bit for bit."""
+    cache, feeds, names, prev = split_case(family)
+    n = 4
+    rng = np.random.default_rng(3)
+    tables = {TREND: np.array([0.0, 1.0, 0.5, -0.5], np.float32), COEFFICIENTS: np.array([0.0, 0.5, 0.25, 1.0], np.float32),
+              BLEND: np.array([0.0, 0.5, 0.1, 0.9], np.float32)}
+    out_shape = run_ort(cache, feeds)["out_sample"].shape
+    hw = out_shape[-2:]
+    radius = np.add.outer(np.fft.fftfreq(hw[0]) ** 2, np.fft.fftfreq(hw[1]) ** 2)  # even along each axis
+    tables[MASKS] = np.stack([np.exp(-c * radius) for c in (1, 5, 20, 80)]).astype(np.float32) / (hw[0] * hw[1])
+    model = build_cache_graph(ir.load(cache), "out_sample", names, n, trend=True, blend=True, filter_hw=hw)
+    path = save(freeze_cache_graph(model, tables), tmp_path / "rows.onnx")
+    hist = {FULL_PREV: rng.standard_normal(out_shape).astype(np.float32),
+            FULL_PREV2: rng.standard_normal(out_shape).astype(np.float32)}
+    every = {**feeds, **prev, **hist}
+    rows = out_shape[0]
+    steps = np.array([1, 3][:rows], np.int64)
+    together = run_ort(path, {**every, STEP: steps})["out_sample"]
+    batch = {k for k, v in every.items() if v.ndim and len(v) % rows == 0 and k not in ("img_ids", "txt_ids")}
+    for r, step in enumerate(steps):
+        alone = {k: (np.split(v, rows)[r] if k in batch else v) for k, v in every.items()}
+        one = run_ort(path, {**alone, STEP: np.array([step], np.int64)})["out_sample"]
+        np.testing.assert_array_equal(together[r:r + 1], one)
+    assert max_rel_err(together[1:2], run_ort(path, {**every, STEP: np.array([1, 1], np.int64)})["out_sample"][1:2]) > 1e-4
 
 
 def test_requires_rejects_bad_arguments(split_case):

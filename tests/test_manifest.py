@@ -50,7 +50,7 @@ def graphs() -> dict[str, GraphIO]:
     cached = GraphIO(
         (*model_inputs(), cache,
          t("omnicache_cache_prev", "FLOAT", ("batch", 16, 32), Feed.CACHE_PREV, "omnicache_cache"),
-         t("omnicache_step", "INT64", (1,), Feed.STEP),
+         t("omnicache_step", "INT64", ("batch",), Feed.STEP),
          t("omnicache_full_prev", "FLOAT", OUT_SHAPE, Feed.FULL_PREV),
          t("omnicache_full_prev2", "FLOAT", OUT_SHAPE, Feed.FULL_PREV2)),
         (t(OUT, "FLOAT", OUT_SHAPE, Feed.OUTPUT),))
@@ -199,6 +199,7 @@ REFUSALS = {
     "symlink out (no target)": (_symlink_out(False), "path 'link.onnx' resolves outside the export folder"),
     "engine file not listed": (_set("engines.0.cache", "other.onnx"), "engines[0].cache: 'other.onnx' is not listed"),
     "artifacts deleted": (_delete("artifacts"), "artifacts: missing key"),
+    "uncond not listed": (_set("uncond", "uncond.npz"), "uncond: 'uncond.npz' is not listed in artifacts"),
     "external data unlisted": (_edit(lambda d, f: d["artifacts"].pop("cache.onnx.data")),
                                "'cache.onnx.data' is read with the graph but not listed in artifacts"),
     "changed file": (lambda f: (f / "cache.onnx").write_bytes(b"cache graph, edited"), "'cache.onnx' changed since export"),
@@ -335,7 +336,7 @@ def test_describe_graphs():
                   [("x", OUT), ("x", "omnicache_cache"), ("x", "omnicache_cache_1")])
     cache = _model([["x", "FLOAT", ["s0", 4, 8, 8]], ["omnicache_cache", "FLOAT", ["s0", 16, None]],
                     ["omnicache_cache_1", "FLOAT", ["s1", 4, 32]], ["omnicache_cache_prev", "FLOAT", [None, 16, None]],
-                    ["omnicache_step", "INT64", [1]], ["omnicache_full_prev", "FLOAT", [None, None, 8, 8]],
+                    ["omnicache_step", "INT64", [None]], ["omnicache_full_prev", "FLOAT", [None, None, 8, 8]],
                     ["omnicache_full_prev2", "FLOAT", ["s0", "c2", 8, 8]], ["omnicache_coefficients", "FLOAT", [5]]],
                    [out, [f"{OUT}_uncorrected", "FLOAT", ["s0", "c2", 8, 8]]],
                    [("x", OUT), ("x", f"{OUT}_uncorrected")])
@@ -350,7 +351,7 @@ def test_describe_graphs():
     feeds = {x.name: (x.feed, x.source, x.shape) for x in c.inputs}
     assert feeds["omnicache_cache"] == (Feed.CACHE, "omnicache_cache", ("batch", 16, "omnicache_cache_dim2"))
     assert feeds["omnicache_cache_prev"] == (Feed.CACHE_PREV, "omnicache_cache", ("batch", 16, "omnicache_cache_dim2"))
-    assert feeds["omnicache_step"] == (Feed.STEP, None, (1,))
+    assert feeds["omnicache_step"] == (Feed.STEP, None, ("batch",))  # one step per row
     assert feeds["omnicache_full_prev"] == (Feed.FULL_PREV, None, ("batch", "c2", 8, 8))  # unnamed: the output's
     assert feeds["omnicache_full_prev2"] == (Feed.FULL_PREV2, None, ("batch", "c2", 8, 8))
     assert feeds["omnicache_coefficients"] == (Feed.TABLE, "omnicache_coefficients", (5,))
@@ -386,7 +387,7 @@ def test_tensorrt_profiles(export_dir):
     assert p["full"]["encoder_hidden_states"] == ((2, 7, 32), (4, 7, 32), (8, 7, 32))
     assert p["cache"]["omnicache_full_prev"] == ((2, 8, 8, 8), (4, 8, 8, 8), (8, 8, 8, 8))  # learned sigma: 2C
     assert p["cache"]["omnicache_cache_prev"] == ((2, 16, 32), (4, 16, 32), (8, 16, 32))
-    assert p["cache"]["omnicache_step"] == ((1,), (1,), (1,))
+    assert p["cache"]["omnicache_step"] == ((2,), (4,), (8,))  # one step per model row
 
     def static(x: TensorIO) -> TensorIO:
         return dataclasses.replace(x, shape=tuple(4 if d == "batch" else d for d in x.shape))
@@ -413,8 +414,10 @@ def test_triton_configs(export_dir):
     assert [(o.name, o.data_type, list(o.dims)) for o in full.output] == [
         (OUT, fp32, [8, 8, 8]), ("omnicache_cache", fp32, [16, 32])]
 
-    with pytest.raises(ValueError, match="without a batch axis \\(omnicache_step\\)"):
-        triton_model_config(m, "cache", "tensorrt_plan", 8)
+    batched = text_format.Parse(triton_model_config(m, "cache", "tensorrt_plan", 8), model_config_pb2.ModelConfig())
+    assert batched.max_batch_size == 8 and batched.HasField("dynamic_batching")  # the step has the batch axis
+    step = next(i for i in batched.input if i.name == "omnicache_step")
+    assert list(step.dims) == [1] and step.HasField("reshape") and list(step.reshape.shape) == []  # [B] per row
     cache = text_format.Parse(triton_model_config(m, "cache", "tensorrt_plan", 0, name="dit_cache"),
                               model_config_pb2.ModelConfig())
     assert (cache.name, cache.platform, cache.max_batch_size) == ("dit_cache", "tensorrt_plan", 0)
@@ -422,7 +425,7 @@ def test_triton_configs(export_dir):
     got = {i.name: (model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in cache.input}
     assert got == {"hidden_states": ("TYPE_FP32", [-1, 4, 8, 8]), "timestep": ("TYPE_FP32", [-1]),
                    "encoder_hidden_states": ("TYPE_FP32", [-1, -1, 32]), "omnicache_cache": ("TYPE_FP32", [-1, 16, 32]),
-                   "omnicache_cache_prev": ("TYPE_FP32", [-1, 16, 32]), "omnicache_step": ("TYPE_INT64", [1]),
+                   "omnicache_cache_prev": ("TYPE_FP32", [-1, 16, 32]), "omnicache_step": ("TYPE_INT64", [-1]),
                    "omnicache_full_prev": ("TYPE_FP32", [-1, 8, 8, 8]), "omnicache_full_prev2": ("TYPE_FP32", [-1, 8, 8, 8])}
     assert [(o.name, list(o.dims)) for o in cache.output] == [(OUT, [-1, 8, 8, 8])]
     with pytest.raises(ValueError, match="graph 'other'"):

@@ -7,6 +7,9 @@
   omnicache-export example NAME -o MODEL.onnx            a DiT export to try it on
   omnicache-export check MODEL.onnx|OUT                  TensorRT readiness (10.3, 10.16, 11.x)
   omnicache-export build OUT [--batch MIN,OPT,MAX]       both TensorRT engines (TensorRT + GPU)
+  omnicache-export export-model FOLDER -o MODEL.onnx     a diffusers transformer (save_pretrained) to ONNX
+  omnicache-export serve OUT [--http-port P]             serve it as the Triton model `omnicache` (PyTriton)
+  omnicache-export triton-repo OUT -o REPO               a model repository for a stock Triton server
 
 Every verb takes -o/--output, --force, -v and -q. Bad input, a signal, a full disk: one line on
 stderr, exit status 2 (130 for SIGINT, 143 for SIGTERM), and nothing half-written left behind;
@@ -19,9 +22,10 @@ import argparse
 import sys
 
 from omnicache_export.cli import args as common
-from omnicache_export.cli import build, check, example, export, failures, inspect, run, split
+from omnicache_export.cli import (build, check, example, export, export_model, failures, inspect, run, serve,
+                                  split, triton_repo)
 
-VERBS = ("export", "run", "inspect", "split", "example", "check", "build")
+VERBS = ("export", "run", "inspect", "split", "example", "check", "build", "export-model", "serve", "triton-repo")
 _TOP_FLAGS = {"-v", "--verbose", "-q", "--quiet"}
 
 
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
     common.add_logging_options(shared)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for module in (export, run, inspect, split, example, check, build):
+    for module in (export, run, inspect, split, example, check, build, export_model, serve, triton_repo):
         module.register(verbs, [shared])
     return parser
 

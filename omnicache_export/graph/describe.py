@@ -38,7 +38,8 @@ def describe_graphs(full: ir.Model, cache: ir.Model, io: list[IOSpec], cache_nam
         raise ValueError(f"the full graph has no output {output!r}")
     like = {FULL_PREV: output, FULL_PREV2: output, uncorrected_name(output): output}
     like |= {prev_cache_name(c): c for c in cache_names}
-    batched = batched_inputs([s for s in io if s.role != Role.OUTPUT.value]) | {output}
+    # the step index is per row of the model batch (one step per row: rows at different steps share a call)
+    batched = batched_inputs([s for s in io if s.role != Role.OUTPUT.value]) | {output, STEP}
     namer = _DimNamer(shapes, like, batched)
 
     def tensor(v: ir.Value, feed: Feed, source: str | None = None) -> TensorIO:

@@ -33,7 +33,7 @@ from omnicache_export.runtime.conditioning import Conditioning, batched_inputs, 
 from omnicache_export.pipeline.record import build_manifest, onnxruntime_entry
 from omnicache_export.graph.precision import convert_model, graph_precision
 from omnicache_export.runtime.graph_check import embedded_metadata
-from omnicache_export.runtime.manifest import Manifest, Sampling, Speed, Verification, write_manifest
+from omnicache_export.runtime.manifest import UNCOND_FILE, Manifest, Sampling, Speed, Verification, write_manifest
 from omnicache_export.passes.cache_names import cache_name
 from omnicache_export.runtime.dispatch import StepDispatch
 from omnicache_export.runtime.sampler import SamplingSpec, check_steps, scheduler_config
@@ -202,6 +202,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
                                             analysis.shapes_b1)  # a value keeps its source name and shape
         verification = verify_runtime(tmp, full_io, cache_io, spec, data, result, graph_precision(source))
         predicted = sched.speedup_of(spec.n_steps, best.schedule.n_cached, cost_ratio)
+        uncond = _write_uncond(tmp, cond, batched) if spec.cfg else None
         manifest = build_manifest(
             tmp, model_path=model_path, analysis=analysis, spec=spec, result=result, tables=tables,
             full_io=full_io, cache_io=cache_io, max_consecutive=opts.max_consecutive, n_samples=k, seed=opts.seed,
@@ -210,6 +211,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
             verification=Verification(**verification), index_ranges=index_ranges(source, analysis.io),
             engines=(onnxruntime_entry(graph_precision(source)),),
             tensorrt_readiness=readiness,
+            uncond=uncond,
         )
         # reference IO, build_engines.sh (and with --backend tensorrt the plans), listed as artifacts
         manifest = tensorrt_build.export_files(tmp, manifest, calib_cond, calib_uncond, batched, opts.seed,
@@ -231,6 +233,17 @@ def tensorrt_readiness(graph: str, what: str, model: ir.Model, shapes: dict | No
     if line is not None:
         logger.warning("%s", line)
     return readiness_records(graph, results)
+
+
+def _write_uncond(folder: Path, cond: Conditioning, batched: set[str]) -> str | None:
+    """The calibration set's first unconditional row of each input (`uncond/<name>` of --calib, row 0;
+    inputs without a batch axis whole) as `uncond.npz`: what a served request without its own
+    `uncond/<name>` takes. Returns its name (None: no uncond arrays)."""
+    if not cond.uncond:
+        return None
+    with open(folder / UNCOND_FILE, "wb") as f:  # a file object: numpy appends no .npz to the name
+        np.savez(f, **{k: (v[:1] if k in batched else v) for k, v in cond.uncond.items()})
+    return UNCOND_FILE
 
 
 def input_paths(model_path: Path, opts: ExportOptions) -> list[Path]:

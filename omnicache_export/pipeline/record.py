@@ -51,6 +51,7 @@ def build_manifest(
     engines: Sequence[mf.EngineEntry] = (ONNXRUNTIME_FP32,),
     index_ranges: Mapping[str, tuple[int, int]] | None = None,
     tensorrt_readiness: Sequence[mf.TensorRTReadiness] = (),
+    uncond: str | None = None,
 ) -> mf.Manifest:
     """The manifest of the export in `folder` (its graphs written: every engine file and its
     `.data` side file is hashed here).
@@ -64,10 +65,11 @@ def build_manifest(
     verification: the measured records; engines: the graph files per backend, device, precision;
     index_ranges: each integer input's [low, high) embedding rows (`graph.synthetic.index_ranges`),
     which the runtime checks its inputs against; tensorrt_readiness: the TensorRT readiness check
-    of the input model and both graphs (`graph.tensorrt_check.readiness_records`).
+    of the input model and both graphs (`graph.tensorrt_check.readiness_records`); uncond: the stored
+    unconditional rows' file (`runtime.manifest.UNCOND_FILE`), hashed here too.
     """
     best = result.best
-    files = sorted({name for e in engines for name in (e.full, e.cache)})
+    files = sorted({name for e in engines for name in (e.full, e.cache)} | ({uncond} if uncond else set()))
     return mf.Manifest(
         source=mf.Source(Path(model_path).name, sha256_file(model_path)),
         model_io=model_io(analysis, spec, full_io, index_ranges),
@@ -86,6 +88,7 @@ def build_manifest(
         engines=tuple(engines),
         artifacts=mf.artifact_entries(folder, files),
         tensorrt_readiness=tuple(tensorrt_readiness),
+        uncond=uncond,
     )
 
 

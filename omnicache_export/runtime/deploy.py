@@ -29,6 +29,7 @@ TRITON_TYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_
 class TritonPlatform(str, enum.Enum):
     ONNXRUNTIME = "onnxruntime_onnx"
     TENSORRT = "tensorrt_plan"
+    PYTHON = "python"  # a Python-backend model (`backend: "python"`): the graph run by code in Triton's stub
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,8 @@ def triton_model_config(manifest: Manifest, graph: str, platform: str | TritonPl
                         name: str | None = None) -> str:
     """`config.pbtxt` of one graph for Triton. With max_batch_size > 0, Triton batches axis 0 (the
     model batch: twice the samples under guidance) and `dims` leave it out; every tensor then needs
-    it, so a graph with unbatched inputs (the cache graph's step index) takes max_batch_size=0.
+    it (the cache graph's step index has it: one step per row), so a graph with unbatched inputs
+    (Flux's `img_ids`) takes max_batch_size=0.
     Dims the manifest cannot resolve are -1 (variable)."""
     if graph not in GRAPHS:
         raise ValueError(f"graph {graph!r}: not one of {', '.join(GRAPHS)}")
@@ -157,7 +159,9 @@ def triton_model_config(manifest: Manifest, graph: str, platform: str | TritonPl
         return f"{kind} [\n" + ",\n".join(f"  {{\n{entry(t)}\n  }}" for t in items) + "\n]\n"
 
     lines = [f"# omnicache-export {graph} graph; the batch axis is the model batch (2x samples under guidance)\n",
-             f"name: {_quote(name or f'omnicache_{graph}')}\n", f"platform: {_quote(platform.value)}\n",
+             f"name: {_quote(name or f'omnicache_{graph}')}\n",
+             f"backend: {_quote(platform.value)}\n" if platform is TritonPlatform.PYTHON
+             else f"platform: {_quote(platform.value)}\n",
              f"max_batch_size: {max_batch_size}\n", block("input", io.inputs), block("output", io.outputs)]
     if batching:
         lines.append("dynamic_batching { }\n")

@@ -1,7 +1,8 @@
 """The one step dispatch: which graph runs a step, and what feeds each of its inputs.
 
 A full step runs the full graph and writes its output and cache tensors into the cache state's
-free buffers; a cached step runs the cache graph fed from the state: the step index, the outputs of
+free buffers; a cached step runs the cache graph fed from the state: the step index (one per row of
+the model batch: a generation feeds its step to all its rows), the outputs of
 the last two full steps, the caches of the last full step (and of the one before, for the cache
 trend) and, in calibration's graphs only, the correction tables. What feeds each input comes from
 the graphs' `GraphIO` (the manifest), never from input names. The runtime, calibration and the speed
@@ -81,6 +82,9 @@ class StepDispatch:
         self.cache_names = [t.name for t in full_io.outputs_of(Feed.CACHE)]
         self.table_names = [t.source for t in cache_io.inputs_fed_by(Feed.TABLE)]
         self.uncorrected = next((t.name for t in cache_io.outputs_of(Feed.UNCORRECTED)), None)
+        # One step per row (int64 [batch]); an export from before per-row steps takes int64 [1].
+        step = next(iter(cache_io.inputs_fed_by(Feed.STEP)), None)
+        self.step_per_row = step is not None and tuple(step.shape) != (1,)
         self.device = full.device
 
     def runners(self) -> tuple[Runner, Runner]:
@@ -104,7 +108,8 @@ class StepDispatch:
 
     def cache_feeds(self, i: int, model_feeds: Mapping[str, torch.Tensor], state: CacheState,
                     tables: Mapping[str, torch.Tensor] | None, steps: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The cache graph's feeds at step i. `steps`: int64 [N, 1] of step indices on the device."""
+        """The cache graph's feeds at step i. `steps`: int64 [N, rows] of step indices on the device
+        (`step_indices`; rows: the model batch, or 1, which the graph broadcasts to every row)."""
         if self.table_names and tables is None:
             raise ValueError(f"this cache graph takes its correction tables as inputs: {self.table_names}")
         feeds = {}
@@ -128,8 +133,10 @@ class StepDispatch:
     def run_cached(self, runner: Runner, feeds: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]) -> None:
         runner.infer(feeds, outputs=out, names=list(out))
 
-    def step_indices(self, n_steps: int) -> torch.Tensor:
-        return torch.arange(n_steps, dtype=torch.int64, device=self.device).reshape(n_steps, 1)
+    def step_indices(self, n_steps: int, rows: int = 1) -> torch.Tensor:
+        """int64 [n_steps, rows]: row i holds step i for each of `rows` model rows (made once per generation)."""
+        steps = torch.arange(n_steps, dtype=torch.int64, device=self.device).reshape(n_steps, 1)
+        return steps.repeat(1, rows) if rows > 1 and self.step_per_row else steps
 
     def close(self) -> None:
         self.full.close()

@@ -48,7 +48,7 @@ class Generation:
         self.static = batched_feeds(spec, cond, uncond)
         self.full_runner, self.cache_runner = dispatch.runners()
         self.tables, self.observer = tables, observer
-        self.steps = dispatch.step_indices(spec.n_steps)
+        self.steps = dispatch.step_indices(spec.n_steps, len(x0) * (2 if spec.cfg else 1))  # its step, every row
         self.state: CacheState | None = None
         self.cache_out: dict[str, torch.Tensor] | None = None
         self.with_uncorrected = uncorrected and dispatch.uncorrected is not None

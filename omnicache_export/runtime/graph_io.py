@@ -12,7 +12,7 @@ class Feed(str, enum.Enum):
     """Where the dispatch takes an input's value from (or what an output is)."""
 
     MODEL = "model"  # one of the model's own inputs (latent, timestep, conditioning); `source` names it
-    STEP = "step"  # int64 [1]: the step index the cache graph's tables are gathered by
+    STEP = "step"  # int64 [batch]: each row's step index, which the cache graph's tables are gathered by
     FULL_PREV = "full_prev"  # the model output of the last full step
     FULL_PREV2 = "full_prev2"  # ... of the full step before it
     CACHE = "cache"  # a cache tensor of the last full step; `source` names the full graph's output

@@ -478,6 +478,9 @@ class Manifest(_Record):
     artifacts: dict[str, Artifact]  # path relative to the folder -> hash and size
     # Optional (manifests written before it lack it): the TensorRT readiness check's result per graph and line.
     tensorrt_readiness: tuple[TensorRTReadiness, ...] = dataclasses.field(default=(), metadata={"optional": True})
+    # The unconditional conditioning a served request without `uncond/<name>` takes (an npz of one
+    # row per input, listed in artifacts; `load_uncond`); None: not stored (no guidance).
+    uncond: str | None = dataclasses.field(default=None, metadata={"optional": True})
     # Where it was read from (not serialized): engine_paths resolves inside it.
     folder: Path | None = dataclasses.field(default=None, compare=False, repr=False, metadata={"json": False})
 
@@ -691,6 +694,8 @@ def _check_files_listed(m: Manifest) -> None:
             raise SchemaError(f"{path}.sha256", "not a sha256 hex digest")
         if artifact.bytes < 0:
             raise SchemaError(f"{path}.bytes", "negative")
+    if m.uncond is not None and m.uncond not in m.artifacts:
+        raise SchemaError("uncond", f"{m.uncond!r} is not listed in artifacts")
     if not m.engines:
         raise SchemaError("engines", "no engine entry")
     keys = [e.key for e in m.engines]
@@ -760,6 +765,36 @@ def _check_files(folder: Path, m: Manifest) -> None:
             data = f"{getattr(entry, graph)}.data"  # external weights the engine would open beside the graph
             if data not in m.artifacts and os.path.lexists(Path(folder) / data):
                 raise UserError(f"{folder}: engines[{i}].{graph}: {data!r} is read with the graph but not listed in artifacts")
+
+
+UNCOND_FILE = "uncond.npz"
+
+
+def load_uncond(manifest: Manifest) -> dict[str, object]:
+    """The export's stored unconditional rows (numpy arrays by input name; {} where none is stored),
+    read once into memory and checked against the artifact's hash (UserError if it changed)."""
+    import io
+
+    import numpy as np
+
+    if manifest.uncond is None:
+        return {}
+    folder = manifest.folder or Path(".")
+    path = resolve_inside(folder, manifest.uncond)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{folder}: artifact {manifest.uncond!r} cannot be read ({exc.strerror})") from None
+    import hashlib
+
+    artifact = manifest.artifacts[manifest.uncond]
+    if len(data) != artifact.bytes or hashlib.sha256(data).hexdigest() != artifact.sha256:
+        raise UserError(f"{folder}: artifact {manifest.uncond!r} changed since export (sha256 mismatch)")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{folder}: artifact {manifest.uncond!r} is not a readable .npz ({exc})") from None
 
 
 def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:

@@ -109,6 +109,8 @@ def positional(
             return super().forward(**kwargs, return_dict=False)[0]
 
     Positional.__name__ = Positional.__qualname__ = cls.__name__
+    Positional.positional_inputs = tuple(input_names)  # export_transformer exports it as it is
+    Positional.keyword_api = (cls, fixed, extra)  # the diffusers class and the keywords forward adds
     return Positional
 
 
@@ -160,7 +162,7 @@ register(_family(
          caption_channels=TEXT_DIM, use_additional_conditions=False),
     {"hidden_states": _IMG, "encoder_hidden_states": _text(), "timestep": _T},
     notes="PixArt-alpha without resolution/aspect_ratio conditions; learned sigma. Its no-op "
-          "proj_out(x).squeeze(1) is dropped at export (zoo/patches.py).",
+          "proj_out(x).squeeze(1) is dropped at export (integrations/export_fixes.py).",
 ))
 
 register(_family(

@@ -362,26 +362,11 @@ def scheduler_json(name: str, path: str | Path, weights_dir: str | Path | None =
 
 def export_reference(name: str, path: str | Path, exporter: str = "torchscript", opset: int | None = None,
                      external_data: bool = False, weights_dir: str | Path | None = None) -> Path:
-    """Export the trained reference `name` to ONNX with the zoo's machinery (dynamic batch); returns the path."""
-    from .export import DEFAULT_OPSET, _export_dynamo, _export_torchscript, _save
-    from .patches import export_friendly_tensor_ops
+    """Export the trained reference `name` to ONNX with the export helper (dynamic batch); returns the path."""
+    from .export import export_zoo_model
 
-    if exporter not in DEFAULT_OPSET:
-        raise ValueError(f"exporter must be one of {tuple(DEFAULT_OPSET)}, got {exporter!r}")
-    opset = DEFAULT_OPSET[exporter] if opset is None else opset
-    if exporter == "dynamo" and opset < 18:
-        raise ValueError(f"the dynamo exporter needs opset >= 18, got {opset}")
     ref = load_reference(name, weights_dir)
-    family = ref.family
-    feeds = ref.example_inputs()
-    args = tuple(torch.from_numpy(feeds[n]) for n in family.input_names)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), export_friendly_tensor_ops():
-        export = _export_torchscript if exporter == "torchscript" else _export_dynamo
-        proto = export(family, ref.model, args, opset)
-    _save(proto, path, external_data)
-    return path
+    return export_zoo_model(ref.family, ref.model, ref.example_inputs(), path, exporter, opset, external_data)
 
 
 # --- digit classifier -----------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from omnicache_export.cli.main import VERBS, _with_default_verb, build_parser, m
 from omnicache_export.pipeline.job import ExportOptions, _default_cached
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-POSITIONAL = {"export": ["m.onnx"], "run": ["folder"], "inspect": ["m.onnx"], "split": ["m.onnx"], "example": ["dit"]}
+POSITIONAL = {"export": ["m.onnx"], "run": ["folder"], "inspect": ["m.onnx"], "split": ["m.onnx"], "example": ["dit"],
+              "export-model": ["folder"], "check": ["m.onnx"], "build": ["folder"], "serve": ["folder"],
+              "triton-repo": ["folder"]}
 
 
 @pytest.fixture
@@ -46,7 +48,20 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == "omnicache-export 0.1.0"
 
 
-@pytest.mark.parametrize("verb", VERBS)
+NO_OUTPUT = {"check", "build", "serve"}  # they print (check), update OUT in place (build) or serve: no -o
+
+
+@pytest.mark.parametrize("verb", sorted(NO_OUTPUT))
+def test_verbs_without_an_output_take_v_and_q_before_or_after_the_verb(verb):
+    parser = build_parser()
+    base = POSITIONAL[verb]
+    for argv, verbose, quiet in ((["-v", verb, *base], True, False), ([verb, *base, "-v"], True, False),
+                                 (["-q", verb, *base], False, True), ([verb, "-q", *base], False, True)):
+        a = parser.parse_args(argv)
+        assert (a.verbose, a.quiet) == (verbose, quiet), argv
+
+
+@pytest.mark.parametrize("verb", [v for v in VERBS if v not in NO_OUTPUT])
 def test_every_verb_takes_v_q_and_o_before_or_after_the_verb(verb):
     parser = build_parser()
     base = POSITIONAL[verb]
