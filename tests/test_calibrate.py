@@ -8,6 +8,7 @@ so calibration must pick a correction, refine it (fitted γ, filters) and keep t
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import onnx
 from onnx import TensorProto, helper
@@ -77,7 +78,8 @@ def test_calibration_picks_and_refines_correction(tmp_path):
     # the best predictor at γ = 1 is refined on its schedule: γ line search and filters
     assert any("gamma=1.1" in n for n in names) and any("+ filter" in n for n in names)
     best = result.best
-    assert best.psnr_db == max(c.psnr_db for c in result.candidates)
+    complete = [c for c in result.candidates if len(c.rows) == len(result.split.choose)]
+    assert best.psnr_db == max(c.psnr_db for c in complete)
     none = max((c for c in result.candidates if c.correction.name == "none"), key=lambda c: c.psnr_db)
     assert best.correction.name != "none" and best.psnr_db > none.psnr_db + 10
     # the locally fitted gammas are close to 1 where the trend is linear
@@ -87,7 +89,8 @@ def test_calibration_picks_and_refines_correction(tmp_path):
         assert np.all(np.abs(fitted - 1) < 0.2)
     # every schedule candidate honours the constraints; the last step is cached only where allowed
     for c in result.candidates:
-        assert c.schedule.full[0] and c.schedule.max_run <= 2 and c.schedule.n_cached == 6
+        # auto: 6 of 12 fit in runs of 2, and runs of 3 are tried beside them
+        assert c.schedule.full[0] and c.schedule.max_run <= 3 and c.schedule.n_cached == 6
         assert c.schedule.full[-1] or "last step cacheable" in c.schedule.name
     assert {c.schedule.full[-1] for c in result.candidates} == {True, False}  # both policies were tried
     dp = {c.schedule.name for c in result.candidates if c.schedule.family == ScheduleFamily.CORRECTED_ERROR_DP}
@@ -119,8 +122,8 @@ def test_last_step_policy_can_be_forced(tmp_path):
         last_full = {bool(c.schedule.full[-1]) for c in result.candidates}
         assert last_full == ({True, False} if last else {True})
         assert not any("last step cacheable" in c.schedule.name for c in result.candidates)
-    # 6 of 9 cached only fits with the last step cached: auto builds those candidates alone
-    result = run_calibration(tmp_path, 9, 1, CalibrationPlan(6, correction="gamma1"))
+    # 6 of 9 cached in runs of 2 only fits with the last step cached: those candidates alone
+    result = run_calibration(tmp_path, 9, 1, CalibrationPlan(6, max_consecutive=2, correction="gamma1"))
     assert all(not c.schedule.full[-1] for c in result.candidates)
 
 
@@ -149,3 +152,58 @@ def test_a_non_finite_candidate_never_wins():
     s = Schedule(np.array([True, False, True]))
     nan, good = (Candidate(s, Correction.none(3), psnr_db=v) for v in (math.nan, 30.0))
     assert max([nan, good], key=lambda c: c.rank) is good and nan.rank == -math.inf
+
+
+def _calibrate(folder, n_steps: int, data_kw: dict, plan: CalibrationPlan):
+    spec, graphs = denoiser_graphs(folder, n_steps)
+    try:
+        data = CalibrationSet(spec, {}, {}, 0, set(), **data_kw)
+        return calibrate(graphs, data, plan, (H, W), progress=False)
+    finally:
+        graphs.close()
+
+
+def test_halving_chooses_as_exhaustive_scoring_for_at_most_half_the_evaluations(tmp_path):
+    # K = 12, the default: six rows choose (rounds of 1, 2, 4, 6 rows), six report
+    halving = _calibrate(tmp_path, 10, {"n_samples": 12}, CalibrationPlan(5))
+    exhaustive = _calibrate(tmp_path, 10, {"n_samples": 12}, CalibrationPlan(5, halving=False))
+    assert (halving.best.schedule.pattern, halving.best.correction.name) == \
+        (exhaustive.best.schedule.pattern, exhaustive.best.correction.name)
+    assert halving.best.psnr_db == pytest.approx(exhaustive.best.psnr_db, abs=1e-9)
+    h, e = halving.cost, exhaustive.cost
+    assert e.scoring_evaluations == e.exhaustive_evaluations  # every candidate on every choosing row
+    assert h.scoring_evaluations <= 0.5 * e.scoring_evaluations, (h.scoring_evaluations, e.scoring_evaluations)
+    # the rounds: every candidate on the first row, the winner on all six choosing rows
+    assert {len(c.rows) for c in halving.candidates} >= {1, 6} and len(halving.best.rows) == 6
+    assert halving.best.final.shape[0] == 6
+
+
+def test_validation_rows_played_no_part_in_the_choice(tmp_path):
+    result = _calibrate(tmp_path, 9, {"n_samples": 4}, CalibrationPlan(4, correction="gamma1"))
+    split, v = result.split, result.validation
+    assert split.mode == "split" and split.choose == (0, 1) and split.validate == (2, 3)
+    assert not set(split.choose) & set(split.validate)
+    for c in result.candidates:  # every candidate was scored on choosing rows only
+        assert c.rows and set(c.rows) <= set(split.choose)
+    assert v.rows == (2, 3) and np.isfinite(v.psnr_db) and v.psnr_min_db <= v.psnr_db
+    assert result.reference.shape[0] == len(result.best.rows)  # the reference of the rows that chose
+    seeds = _calibrate(tmp_path, 9, {"n_samples": 2, "validation": "seeds"}, CalibrationPlan(4, correction="gamma1"))
+    assert seeds.split.choose == seeds.split.validate == (0, 1) and seeds.split.validation_seed != seeds.split.seed
+    one = _calibrate(tmp_path, 9, {"n_samples": 1}, CalibrationPlan(4, correction="gamma1"))
+    assert one.split.mode == "seeds"  # one row: nothing to hold out, fresh seeds instead
+
+
+def test_auto_run_limits_reach_past_two_thirds(tmp_path):
+    from omnicache_export.calibration.candidates import auto_run_limits
+
+    n = 12
+    assert auto_run_limits(n, 6, None) == [2, 3] and auto_run_limits(n, 9, None) == [3, 4]
+    assert auto_run_limits(n, 8, False) == [3, 4]  # 8 of 12 with the last step full: runs of 3
+    result = _calibrate(tmp_path, n, {"n_samples": 2}, CalibrationPlan(9, correction="gamma"))
+    assert result.best.schedule.n_cached / n > 2 / 3 and result.best.schedule.max_run in (3, 4)
+    assert result.max_consecutive_auto and result.max_consecutive == 4
+    assert max(c.schedule.max_run for c in result.candidates) == 4
+    # a γ per run position was tried on the top schedule
+    assert any("run position" in c.correction.name for c in result.candidates)
+    with pytest.raises(ValueError, match="need runs longer than 4"):
+        auto_run_limits(n, 10, None)

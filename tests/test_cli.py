@@ -154,3 +154,33 @@ def test_example_reference_writes_model_conditioning_and_scheduler(tmp_path, cap
     assert labels.tolist() == list(range(10))
     assert "omnicache-export" in capsys.readouterr().out
     assert main(["example", "nope", "-o", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_export_summary_prints_the_held_out_figure(zoo_export, tmp_path, capsys):
+    """The summary leads with the quality on samples that played no part in the choice, as the
+    manifest records it; auto run limits reach 6 of 8 steps cached (past the runs-of-2 cap of 5)."""
+    import re
+
+    from omnicache_export.runtime.manifest import read_manifest
+
+    out = tmp_path / "exp"
+    assert main([str(zoo_export("dit", "torchscript")), "-o", str(out), "--steps", "8", "--cache-ratio", "0.75",
+                 "--num-calib", "4", "--no-filters", "-q"]) == 0
+    text = capsys.readouterr().out
+    m = read_manifest(out)
+    q = m.calibration.quality
+    assert q.validation == "split" and q.validation_samples == 2 and q.validation_psnr_db is not None
+    line = next(x for x in text.splitlines() if x.startswith("quality vs no cache"))
+    assert f"{q.validation_psnr_db:.2f} dB PSNR on 2 held-out calibration samples" in line
+    assert f"({q.psnr_db_mean:.2f} dB on the samples that chose it)" in line
+    cost = m.calibration.cost
+    assert re.search(rf"scoring: {cost.scoring_evaluations} model evaluations \(successive halving; "
+                     rf"{cost.exhaustive_evaluations} exhaustive\)", line)
+    assert m.schedule.n_cached == 6 and m.schedule.max_consecutive_auto and m.schedule.max_run in (3, 4)
+    assert "runs <= " in text and ", auto)" in text
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_max_consecutive_must_be_auto_or_positive(zoo_export, tmp_path, capsys, value):
+    assert main([str(zoo_export("dit", "torchscript")), "-o", str(tmp_path / "x"), "--max-consecutive", value]) == 2
+    assert "--max-consecutive" in capsys.readouterr().err

@@ -206,7 +206,41 @@ REFUSALS = {
     "changed data, same size": (lambda f: (f / "cache.onnx.data").write_bytes(b"cache weightZ"),
                                 "'cache.onnx.data' changed since export (sha256 mismatch)"),
     "deleted file": (lambda f: (f / "full.onnx").unlink(), "artifact 'full.onnx' is missing"),
+    "validation figure without a split": (_set("calibration.quality.validation_psnr_db", 40.0),
+                                          "calibration.quality.validation_psnr_db: a validation figure needs"),
+    "validation mode unknown": (_set("calibration.quality.validation", "vibes"), "calibration.quality.validation: 'vibes'"),
+    "validation samples without mode": (_set("calibration.quality.validation_samples", 3),
+                                        "calibration.quality.validation_samples: 3: must be positive exactly"),
+    "validation figure not a number": (_set("calibration.quality.validation_psnr_db", "40"),
+                                       "calibration.quality.validation_psnr_db: expected a number"),
+    "max_run not the pattern's": (_set("schedule.max_run", 2), "schedule.max_run: 2, the pattern's longest run"),
+    "cost over exhaustive": (_set("calibration.cost", {"halving": True, "scoring_evaluations": 9,
+                                                       "exhaustive_evaluations": 5, "other_evaluations": 0,
+                                                       "scoring_seconds": 1.0}),
+                             "calibration.cost.scoring_evaluations: 9 > calibration.cost.exhaustive_evaluations 5"),
 }
+
+
+def test_manifests_before_the_validation_figure_still_read(export_dir):
+    """Manifests written before issue 11 lack the validation figure, the cost and the run record."""
+    def strip(data, folder):
+        for key in ("validation_psnr_db", "validation_psnr_min_db", "validation", "validation_samples"):
+            data["calibration"]["quality"].pop(key)
+        data["calibration"].pop("cost")
+        data["calibration"]["candidates"][0].pop("n_samples")
+        for key in ("max_consecutive_auto", "max_run"):
+            data["schedule"].pop(key)
+    _edit(strip)(export_dir)
+    m = mf.read_manifest(export_dir)
+    assert m.calibration.quality.validation_psnr_db is None and m.calibration.quality.validation == ""
+    assert m.calibration.cost is None and m.schedule.max_run is None and not m.schedule.max_consecutive_auto
+
+
+def test_validation_figure_round_trips(export_dir):
+    _set("calibration.quality", {"psnr_db_mean": 41.5, "psnr_db_min": 39.0, "rmse": 0.012, "validation_psnr_db": 38.25,
+                                 "validation_psnr_min_db": 36.0, "validation": "split", "validation_samples": 4})(export_dir)
+    q = mf.read_manifest(export_dir).calibration.quality
+    assert (q.validation_psnr_db, q.validation, q.validation_samples) == (38.25, "split", 4)
 
 
 @pytest.mark.parametrize("tamper, message", REFUSALS.values(), ids=REFUSALS.keys())
@@ -267,6 +301,14 @@ def test_report_shows_the_quality_record(tmp_path):
     assert "RMSE</div><div class='v'>0.0123" in render_html(data)
     data.quality = make_manifest(tmp_path).calibration.quality.to_json()  # the manifest's JSON, as stored
     assert "RMSE</div><div class='v'>0.012<" in render_html(data)
+    # the held-out figure leads, and the scoring cost is shown
+    data.quality = mf.Quality(40.0, 38.0, 0.0123, 37.5, 36.25, "split", 4).to_json()
+    data.cost = mf.CalibrationCost(True, 2100, 4240, 240, 5.9).to_json()
+    data.max_consecutive = "3 (auto)"
+    html = render_html(data)
+    assert "PSNR on held-out samples (expect this)</div><div class='v'>37.50 / 36.25 dB (4 samples)" in html
+    assert "scoring cost (successive halving)</div><div class='v'>2100 of 4240 evaluations, 5.9 s" in html
+    assert "longest run limit</div><div class='v'>3 (auto)" in html
 
 
 # ------------------------------------------------------------------ the pipeline's record
@@ -281,15 +323,21 @@ def test_build_manifest(tmp_path):
     model.parent.mkdir()
     model.write_bytes(b"model")
     schedule = SimpleNamespace(full=np.array(base.schedule.full), name=base.schedule.name,
-                               family=SimpleNamespace(value="curvature-dp"), pattern="FFCFF", n_full=4, n_cached=1)
+                               family=SimpleNamespace(value="curvature-dp"), pattern="FFCFF", n_full=4, n_cached=1,
+                               max_run=1)
     correction = SimpleNamespace(name="gamma=1 + filter", gammas=np.array([np.nan, np.nan, 1.0, np.nan, np.nan]),
                                  filter=StageFilter(boundary=3, low_rho=0.25, high_rho=0.5))
     best = SimpleNamespace(schedule=schedule, correction=correction, psnr_db=np.float64("inf"), psnr_min_db=39.0,
-                           rmse=np.float32(0.01))
+                           rmse=np.float32(0.01), rows=(0, 1))
     other = SimpleNamespace(schedule=schedule, correction=SimpleNamespace(name="none"), psnr_db=30.0, psnr_min_db=29.0,
-                            rmse=0.1)
+                            rmse=0.1, rows=(0,))
+    from omnicache_export.calibration.halving import ScoringCost
+    from omnicache_export.calibration.validation import Validation
+
+    validation = SimpleNamespace(mode=Validation.SPLIT, rows=(2, 3), psnr_db=38.5, psnr_min_db=37.25)
     result = SimpleNamespace(timesteps=np.array(base.timesteps), best=best, candidates=[other, best],
-                             ratios=np.array(base.correction.ratios), filter_hw=(8, 8))
+                             ratios=np.array(base.correction.ratios), filter_hw=(8, 8), max_consecutive_auto=True,
+                             validation=validation, cost=ScoringCost(True, 15, 20, 30, 1.5))
     tables = SimpleNamespace(coefficients=np.array(base.correction.ratios, np.float32), blend=np.zeros(N, np.float32),
                              trend=np.zeros(N, np.float32))
     stream = SimpleNamespace(entry="h0", exit="hL", shape=["batch", 16, None], dtype="FLOAT")
@@ -310,6 +358,11 @@ def test_build_manifest(tmp_path):
     assert back.correction.filter == mf.FilterParams(StageFilter(3, 0.25, 2, 0.5, 2).name, 3, 0.25, 2, 0.5, 2)
     assert back.calibration.quality.psnr_db_mean is None and [c.chosen for c in back.calibration.candidates] == [False, True]
     assert set(back.artifacts) == set(FILES) and back.schedule.pattern == "FFCFF"
+    q = back.calibration.quality
+    assert (q.validation_psnr_db, q.validation_psnr_min_db, q.validation, q.validation_samples) == (38.5, 37.25, "split", 2)
+    assert [c.n_samples for c in back.calibration.candidates] == [1, 2]
+    assert back.calibration.cost == mf.CalibrationCost(True, 15, 20, 30, 1.5)
+    assert back.schedule.max_consecutive_auto and back.schedule.max_run == 1
 
 
 # ------------------------------------------------------------------ describe_graphs

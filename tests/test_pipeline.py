@@ -48,14 +48,21 @@ def test_export_writes_consistent_artifacts(dit_export):
 
     full = np.array(m.schedule.full)
     s = sched.Schedule(full)
-    assert full[0] and full[-1] and s.max_run <= 2 and s.n_cached == STEPS // 2
+    # auto run limits: half the steps fit in runs of 2, runs of 3 are tried beside them
+    assert full[0] and s.max_run <= 3 and s.n_cached == STEPS // 2 and m.schedule.max_run == s.max_run
+    assert m.schedule.max_consecutive == 3 and m.schedule.max_consecutive_auto
 
     candidates = [c.to_json() for c in m.calibration.candidates]
     names = {c["schedule"] for c in candidates}
     assert {"alternation", "curvature-dp (runs<=2)"} <= names or "alternation" in names
     assert {c["correction"] for c in candidates} >= {"none", "gamma=1"}
     chosen = [c for c in candidates if c["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["psnr_db"] == max(c["psnr_db"] for c in candidates)
+    complete = [c for c in candidates if c["n_samples"] == chosen[0]["n_samples"]]  # halving stops losers early
+    assert len(chosen) == 1 and chosen[0]["psnr_db"] == max(c["psnr_db"] for c in complete)
+    # K = 3: one sample chooses, two report (split); one row leaves no room for halving rounds
+    q = m.calibration.quality
+    assert chosen[0]["n_samples"] == 1 and q.validation == "split" and q.validation_samples == 2
+    assert m.calibration.cost.scoring_evaluations == m.calibration.cost.exhaustive_evaluations > 0
     assert chosen[0]["pattern"] == m.schedule.pattern
 
     # the correction coefficients vanish at full steps and before two full steps exist

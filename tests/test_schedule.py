@@ -155,3 +155,17 @@ def test_nan_cost_is_rejected_and_short_array():
         solve_schedule(5, 1, np.array([0.0, np.nan, 1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="at least 5"):
         solve_schedule(5, 1, np.ones(3))
+
+
+def test_speedup_3_is_reachable_with_auto_run_limits():
+    """Runs of 2 cap the cached share at 2/3 (about 2.5x at cost ratio 0.1); auto's runs of up to 4 reach 3x
+    from 30 steps on, and the auto limits then hold the count."""
+    from omnicache_export.calibration.candidates import AUTO_MAX_CONSECUTIVE, auto_run_limits
+    from omnicache_export.calibration.schedule import n_cached_for, speedup_of
+
+    for n in (30, 50):
+        with pytest.raises(ValueError, match="at most"):
+            n_cached_for(n, speedup=3, cost_ratio=0.1, max_consecutive=2, allow_last_cached=True)
+        m = n_cached_for(n, speedup=3, cost_ratio=0.1, max_consecutive=AUTO_MAX_CONSECUTIVE, allow_last_cached=True)
+        assert m / n > 2 / 3 and speedup_of(n, m, 0.1) >= 3
+        assert max(auto_run_limits(n, m, None)) >= 3

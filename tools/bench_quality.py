@@ -171,9 +171,11 @@ def scored(row: Row, final: np.ndarray, reference: np.ndarray, judge: Judge, bas
 
 
 def n_full_for(steps: int, ratio: float) -> int:
+    from omnicache_export.calibration.candidates import AUTO_MAX_CONSECUTIVE
     from omnicache_export.calibration.schedule import n_cached_for
 
-    return steps - n_cached_for(steps, cache_ratio=ratio)
+    # the count only: runs as long as auto's, the last step cacheable, bound what is feasible
+    return steps - n_cached_for(steps, cache_ratio=ratio, max_consecutive=AUTO_MAX_CONSECUTIVE, allow_last_cached=True)
 
 
 def export_variant(onnx: Path, out: Path, ref, steps: int, ratio: float, calib: Path, scheduler: Path,
@@ -343,8 +345,10 @@ def bench_model_steps(ref, onnx: Path, steps: int, ratios: list[float], spc: int
                 continue
             m = exports[(r, vname)]
             final, wall = run_omnicache(Path(m["_folder"]), cond, uncond, n)
+            q = m["calibration"]["quality"]
+            held = q.get("validation_psnr_db")
             row = Row(vname, "onnx", r, target, m["schedule"]["n_full"], wall_s=wall, setting=describe_omni(m),
-                      note=f"calibration {m['calibration']['quality']['psnr_db_mean']:.1f} dB")
+                      note=f"calibration {q['psnr_db_mean']:.1f} dB" + (f", held out {held:.1f} dB" if held is not None else ""))
             rows.append(scored(row, final, ref_onnx, judge, wall_onnx))
             log(f"    {vname}: {row.psnr:.2f} dB, n_full {row.n_full}")
 
@@ -537,9 +541,9 @@ def plot(blocks: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(path: Path, body: str) -> None:
+def write_section(path: Path, body: str, section: str = SECTION) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    heading = f"## {SECTION}"
+    heading = f"## {section}"
     pattern = re.compile(rf"^{re.escape(heading)}\s*$.*?(?=^## |\Z)", re.M | re.S)
     new = f"{heading}\n\n{body.strip()}\n\n"
     text = pattern.sub(lambda _: new, text) if pattern.search(text) else text.rstrip() + "\n\n" + new
@@ -658,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-class", type=int, default=4)
     p.add_argument("--methods", default=None, help="comma-separated method name prefixes (default: all)")
     p.add_argument("--out", type=Path, default=None, help="markdown file to write the section into")
+    p.add_argument("--section", default=SECTION,
+                   help=f"the section's heading (default: {SECTION!r}; another keeps that one, its plots named after it)")
     p.add_argument("--img-dir", type=Path, default=None, help="where the plots go (default: docs/img beside --out)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--analysis", type=Path, default=None, help="markdown file whose text becomes the Analysis subsection")
@@ -759,12 +765,14 @@ def write_report(a, results: list[dict], meta: dict, log) -> None:
     if a.out:
         img_dir = a.img_dir or a.out.parent / "img"
         imgs = {}
+        section = getattr(a, "section", SECTION)
+        slug = "" if section == SECTION else "-" + re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
         for model in dict.fromkeys(b["model"] for b in results):
-            path = img_dir / f"quality-{model}.png"
+            path = img_dir / f"quality-{model}{slug}.png"
             plot([b for b in results if b["model"] == model], path)
             imgs[model] = os.path.relpath(path, a.out.parent)
-        analysis = a.analysis.read_text() if a.analysis and a.analysis.exists() else ANALYSIS
-        write_section(a.out, render(results, meta, analysis, imgs))
+        analysis = a.analysis.read_text() if a.analysis and a.analysis.exists() else (ANALYSIS if section == SECTION else "")
+        write_section(a.out, render(results, meta, analysis, imgs), section)
         log(f"wrote {a.out}")
 
 

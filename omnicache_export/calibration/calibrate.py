@@ -7,8 +7,12 @@ The stages, in order:
    the correction-aware DP on errors measured on those records (`pair_errors`);
 3. `score`: each (schedule, correction) candidate sampled exactly as the runtime will (the same
    dispatch, the real cache graph with the candidate's tables fed as inputs), scored by the PSNR
-   of the final latents against the reference on the same seeds and conditions;
-4. `refine`: on the best candidate's schedule, the mix, γ line search, per-stage γ, filters.
+   of the final latents against the reference on the same seeds and conditions, in rounds of
+   successive halving (`halving`) on the choosing rows;
+4. `refine`: on the best candidate's schedule, the mix, γ line search, per-stage and per-run-position
+   γ, filters;
+5. `validate`: the chosen candidate on samples that played no part in the choice (`validation`):
+   the figure the export reports.
 Every candidate's score is kept for the report.
 """
 
@@ -31,8 +35,11 @@ from omnicache_export.calibration.correction import (
     CorrectionTables,
     Predictor,
     extrapolation_ratios,
+    run_position_scale,
 )
 from omnicache_export.calibration.filters import candidate_grid
+from omnicache_export.calibration.halving import ScoringCost, halving_rounds, survivors
+from omnicache_export.calibration.validation import DEFAULT_SHARE, DEFAULT_VALIDATION, RowSplit, Validation, split_rows
 from omnicache_export.calibration.schedule_corrected import PairCost, corrected_errors
 from omnicache_export.calibration.sensitivity import frozen_output_gains, step_weights
 from omnicache_export.calibration.trajectory import CurvatureStats, trajectory_curvature
@@ -46,6 +53,7 @@ GAMMA_SCALES = (0.8, 0.9, 1.1, 1.2)  # line search around gamma = 1 on the final
 SENSITIVITY_EXPONENTS = (0.0, 0.25, 0.5)  # step weights of the correction-aware DP (`sensitivity`)
 RECORD_BUDGET_BYTES = 2 << 30  # the reference run's per-step records for the correction-aware schedule
 MIXES = (0.0, 0.25, 0.75, 1.0)
+POSITION_DECAYS = (0.8, 0.9, 1.1)  # γ per position p in a run of cached steps: decay^(p − 1)
 
 
 @dataclasses.dataclass
@@ -76,7 +84,8 @@ class CalibrationGraphs:
 class CalibrationSet:
     """The conditions and seed calibration samples: rows of `cond` (sample axis first for `batched`),
     `batch_size` rows per generation (None: all at once; the job picks it from a memory estimate,
-    `pipeline.memory`), and the bytes the reference run may keep as records."""
+    `pipeline.memory`), the bytes the reference run may keep as records, and how the rows split into
+    the ones that choose and the ones that validate (`validation`)."""
 
     spec: SamplingSpec
     cond: dict[str, np.ndarray]
@@ -86,14 +95,24 @@ class CalibrationSet:
     n_samples: int
     batch_size: int | None = None
     record_budget: int = RECORD_BUDGET_BYTES
+    validation: Validation = DEFAULT_VALIDATION
+    validation_share: float = DEFAULT_SHARE
 
-    def sample(self, dispatch: StepDispatch, full: np.ndarray, tables: CorrectionTables | None = None, **kwargs):
-        """Every sample, in batches of `batch_size`. Candidates may go non-finite (they score as such):
-        only callers that pass `check_finite=True` (the reference run) fail on it."""
+    @property
+    def split(self) -> RowSplit:
+        return split_rows(self.n_samples, self.seed, self.validation, self.validation_share)
+
+    def sample(self, dispatch: StepDispatch, full: np.ndarray, tables: CorrectionTables | None = None,
+               rows=None, seed: int | None = None, **kwargs):
+        """The samples of `rows` (default: every row) at `seed` (default: the set's), in batches of
+        `batch_size`. Candidates may go non-finite (they score as such): only callers that pass
+        `check_finite=True` (the reference run) fail on it."""
         fed = dispatch.tables_as_fed(tables.inputs()) if tables is not None and dispatch.table_names else None
         kwargs.setdefault("check_finite", False)
-        return sample_rows(dispatch, self.spec, full, self.cond, self.uncond, self.seed, batched=self.batched,
-                           rows=range(self.n_samples), tables=fed, batch_size=self.batch_size, **kwargs)
+        rows = list(range(self.n_samples)) if rows is None else list(rows)
+        cond, uncond = ({k: (v[rows] if k in self.batched else v) for k, v in d.items()} for d in (self.cond, self.uncond))
+        return sample_rows(dispatch, self.spec, full, cond, uncond, self.seed if seed is None else seed,
+                           batched=self.batched, rows=rows, tables=fed, batch_size=self.batch_size, **kwargs)
 
 
 def psnr(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -111,7 +130,11 @@ class Candidate:
     psnr_db: float = float("nan")
     psnr_min_db: float = float("nan")
     rmse: float = float("nan")
-    final: np.ndarray | None = None
+    final: np.ndarray | None = None  # [rows scored, ...], kept while it may win
+    rows: tuple[int, ...] = ()  # the calibration rows it was scored on (successive halving stops losers early)
+    scores: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # PSNR per row scored
+    sq_err: float = 0.0  # summed squared error over the rows scored
+    size: int = 0  # elements per row
 
     @property
     def rank(self) -> float:
@@ -129,7 +152,19 @@ class Candidate:
             "psnr_db": round(float(self.psnr_db), 3),
             "psnr_min_db": round(float(self.psnr_min_db), 3),
             "rmse": float(self.rmse),
+            "n_samples": len(self.rows),
         }
+
+
+@dataclasses.dataclass
+class ValidationScore:
+    """The chosen candidate on the validation rows (`validation`): PSNR mean and min (dB)."""
+
+    mode: Validation
+    rows: tuple[int, ...]
+    seed: int
+    psnr_db: float
+    psnr_min_db: float
 
 
 @dataclasses.dataclass
@@ -139,8 +174,14 @@ class CalibrationResult:
     best: Candidate
     candidates: list[Candidate]
     ratios: np.ndarray
-    reference: np.ndarray  # final latents without cache [K, ...]
+    reference: np.ndarray  # final latents without cache of the choosing rows [rows, ...] (`best.final`'s)
     filter_hw: tuple[int, int] | None
+    split: RowSplit | None = None
+    validation: ValidationScore | None = None
+    cost: ScoringCost | None = None
+    seconds: float = 0.0
+    max_consecutive: int = 2  # the largest run limit calibration built candidates for
+    max_consecutive_auto: bool = False
 
     def tables(self) -> CorrectionTables:
         """The chosen correction's tables, as the export freezes them."""
@@ -158,7 +199,7 @@ class ReferenceRun:
     x0: np.ndarray  # the first sample's initial latent
 
 
-def reference_run(graphs: CalibrationGraphs, data: CalibrationSet, progress: bool) -> ReferenceRun:
+def reference_run(graphs: CalibrationGraphs, data: CalibrationSet, progress: bool, rows=None) -> ReferenceRun:
     """Sampling without cache, batch by batch: the final latents of every sample, the curvature of
     every trajectory (each batch's trajectories are reduced to curvature and dropped; the 3-D
     projections of the first batch are kept for the report), and the first batch's per-step records
@@ -195,7 +236,7 @@ def reference_run(graphs: CalibrationGraphs, data: CalibrationSet, progress: boo
         return record
 
     logger.info("pass 1: reference samples, %d steps", n)
-    run = data.sample(d, np.ones(n, bool), no_cache=True, record=True, observer=observer,
+    run = data.sample(d, np.ones(n, bool), rows=rows, no_cache=True, record=True, observer=observer,
                       on_trajectory=on_trajectory, check_finite=True)
     per = np.concatenate(per_sample)
     with np.errstate(invalid="ignore"):
@@ -258,33 +299,87 @@ def dp_weights(spec: SamplingSpec, ref: ReferenceRun, timesteps: np.ndarray) -> 
 
 
 class Scorer:
-    """Scores candidates on the calibration set against the reference; keeps every one."""
+    """Scores candidates on the choosing rows against the reference, in rounds of successive halving
+    (`halving`; or every candidate on every row, `halving=False`); keeps every one, and counts the
+    model evaluations."""
 
     def __init__(self, graphs: CalibrationGraphs, data: CalibrationSet, reference: np.ndarray, timesteps: np.ndarray,
-                 hw: tuple[int, int] | None):
-        self.graphs, self.data, self.reference, self.timesteps, self.hw = graphs, data, reference, timesteps, hw
+                 hw: tuple[int, int] | None, halving: bool = True):
+        self.graphs, self.data, self.timesteps, self.hw = graphs, data, timesteps, hw
+        self.rows = data.split.choose
+        self.reference = reference[list(self.rows)]  # reference: every calibration row, in row order
         self.candidates: list[Candidate] = []
+        self.cost = ScoringCost(halving=halving)
+        self.rounds = halving_rounds(len(self.rows)) if halving else [len(self.rows)]
+
+    @property
+    def complete(self) -> list[Candidate]:
+        """The candidates scored on every choosing row: the ones that may be chosen."""
+        return [c for c in self.candidates if len(c.rows) == len(self.rows)]
+
+    def best(self) -> Candidate:
+        return max(self.complete, key=lambda c: c.rank)  # `max` keeps the first of equals
+
+    def _extend(self, cand: Candidate, n_rows: int) -> None:
+        """Score `cand` on the choosing rows it has not seen, up to the first `n_rows`."""
+        new = self.rows[len(cand.rows):n_rows]
+        if not new:
+            return
+        t0 = time.perf_counter()
+        s, corr = cand.schedule, cand.correction
+        tables = CorrectionTables.build(corr, s.full, self.timesteps, self.hw)
+        final = self.data.sample(self.graphs.dispatch_for(tables), s.full, tables, rows=new).final
+        ref = self.reference[len(cand.rows):n_rows]
+        cand.scores = np.concatenate([cand.scores, psnr(final, ref)])
+        cand.sq_err += float(np.sum((final.astype(np.float64) - ref) ** 2))
+        cand.size = final[0].size
+        cand.final = final if cand.final is None or not len(cand.rows) else np.concatenate([cand.final, final])
+        cand.rows = (*cand.rows, *new)
+        cand.psnr_db, cand.psnr_min_db = float(cand.scores.mean()), float(cand.scores.min())
+        cand.rmse = float(np.sqrt(cand.sq_err / (cand.size * len(cand.rows))))
+        self.cost.scored(len(new), s.n_steps)
+        self.cost.scoring_seconds += time.perf_counter() - t0
+
+    def tournament(self, runs: list[tuple[sched.Schedule, Correction]], progress: bool = False,
+                   desc: str = "calibration") -> list[Candidate]:
+        """Score a batch of candidates by successive halving: every one on the first round's rows,
+        the better half on twice as many, …, the last survivors on every choosing row."""
+        batch = [Candidate(s, corr) for s, corr in runs]
+        self.candidates += batch
+        for c in batch:
+            self.cost.candidate(len(self.rows), c.schedule.n_steps)
+        alive = batch
+        bar = tqdm(total=len(batch), desc=desc, disable=not progress)
+        for size in self.rounds:
+            for c in alive:
+                self._extend(c, size)
+                bar.update(1 if size == self.rounds[0] else 0)
+            if size == len(self.rows) or len(alive) <= 2:
+                break
+            ranked = sorted(alive, key=lambda c: c.rank, reverse=True)  # stable: the first of equals first
+            for c in ranked[survivors(len(alive)):]:
+                c.final = None
+            alive = ranked[:survivors(len(alive))]
+        for c in alive:  # the last two skip to every row
+            self._extend(c, len(self.rows))
+        bar.close()
+        self._keep_best_final()
+        return batch
 
     def score(self, s: sched.Schedule, corr: Correction) -> Candidate:
-        tables = CorrectionTables.build(corr, s.full, self.timesteps, self.hw)
-        final = self.data.sample(self.graphs.dispatch_for(tables), s.full, tables).final
-        scores = psnr(final, self.reference)
-        cand = Candidate(s, corr, float(scores.mean()), float(scores.min()),
-                         float(np.sqrt(np.mean((final - self.reference) ** 2))), final)
-        # Only the best so far keeps its final latents (verification needs the chosen one's): K
-        # samples' latents per candidate would grow with --num-calib times the candidate count.
-        # `max` by `rank` keeps the first of equals: the same rule as here.
-        best = next((c for c in self.candidates if c.final is not None), None)
-        if best is None or cand.rank > best.rank:
-            if best is not None:
-                best.final = None
-        else:
-            cand.final = None
-        self.candidates.append(cand)
-        return cand
+        return self.tournament([(s, corr)])[0]
+
+    def _keep_best_final(self) -> None:
+        """Only the best complete candidate keeps its final latents (verification needs the chosen
+        one's): K samples' latents per candidate would grow with --num-calib times the candidate count."""
+        complete = self.complete
+        best = max(complete, key=lambda c: c.rank) if complete else None
+        for c in self.candidates:
+            if c is not best:
+                c.final = None
 
     def has(self, s: sched.Schedule, name: str) -> bool:
-        return any(c.schedule is s and c.correction.name == name for c in self.candidates)
+        return any(c.schedule is s and c.correction.name == name for c in self.complete)
 
     def local_least_squares_gamma(self, s: sched.Schedule) -> np.ndarray:
         """γ_i fitted at each cached step on the γ = 1 run: n_i = õ_i − o_i against q_i = −a_i (o_j − o_j'),
@@ -308,9 +403,10 @@ class Scorer:
             return fit
 
         try:
-            self.data.sample(d, s.full, tables, observer=observer, uncorrected=True)
+            self.data.sample(d, s.full, tables, rows=self.rows, observer=observer, uncorrected=True)
         finally:
             truth_runner.close()
+        self.cost.other(len(self.rows), n + s.n_cached)  # the full graph beside each cached step
         with np.errstate(invalid="ignore", divide="ignore"):
             local = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
         return np.where(np.isnan(local), 1.0, local)
@@ -321,21 +417,25 @@ class Scorer:
 
 def refinements(scorer: Scorer, top: Candidate, plan: CalibrationPlan, n: int, progress: bool) -> list[Correction]:
     """On the top candidate's schedule: for the mixed predictor the mix λ (1: output extrapolation,
-    0: the cache trend alone), then a γ line search, per-stage γ and stage-aware filters; for the
-    seed's predictor also the local least-squares γ."""
+    0: the cache trend alone), then a γ line search, per-stage γ, a γ per position in the run of
+    cached steps (where runs are longer than one) and stage-aware filters; for the seed's predictor
+    also the local least-squares γ."""
     s, hw = top.schedule, scorer.hw
     half = n // 2
     stage = [np.where(np.arange(n) < half, early, late).astype(float) for early, late in ((0.9, 1.1), (1.1, 0.9))]
     stage_names = [f"{early:g} before step {half}, {late:g} after" for early, late in ((0.9, 1.1), (1.1, 0.9))]
+    positions = [(d, run_position_scale(s.full, d)) for d in POSITION_DECAYS] if s.max_run > 1 else []
     filters = plan.correction == CorrectionSearch.AUTO and plan.filters and hw is not None
     if top.correction.has_trend:
-        for m in tqdm([m for m in MIXES if m != top.correction.blend], desc="calibration: mix", disable=not progress):
-            scorer.score(s, Correction.mixed(m, n))
-        best_mix = max((c for c in scorer.candidates if c.schedule is s and c.correction.has_trend),
+        scorer.tournament([(s, Correction.mixed(m, n)) for m in MIXES if m != top.correction.blend], progress,
+                          "calibration: mix")
+        best_mix = max((c for c in scorer.complete if c.schedule is s and c.correction.has_trend),
                        key=lambda c: c.rank).correction.blend
         refine = [Correction.mixed(best_mix, n, g) for g in GAMMA_SCALES]
         refine += [Correction.mixed(best_mix, n, g, name=f"cache trend, mix {best_mix:g}, gamma={label}")
                    for g, label in zip(stage, stage_names)]
+        refine += [Correction.mixed(best_mix, n, g, name=f"cache trend, mix {best_mix:g}, gamma={d:g}^(run position-1)")
+                   for d, g in positions]
         if filters and best_mix:
             refine += [Correction.mixed(best_mix, n, 1.0, f, f"cache trend, mix {best_mix:g} + filter {f.name}")
                        for f in candidate_grid(n)[1:]]
@@ -343,9 +443,25 @@ def refinements(scorer: Scorer, top: Candidate, plan: CalibrationPlan, n: int, p
     refine = [Correction("local least-squares gamma", scorer.local_least_squares_gamma(s))]
     refine += [Correction.gamma(g, n, f"gamma={g:g}") for g in GAMMA_SCALES]
     refine += [Correction.gamma(g, n, f"gamma={label}") for g, label in zip(stage, stage_names)]
+    refine += [Correction.gamma(g, n, f"gamma={d:g}^(run position-1)") for d, g in positions]
     if filters:
         refine += [Correction.gamma(1.0, n, f"gamma=1 + filter {f.name}", f) for f in candidate_grid(n)[1:]]
     return refine
+
+
+def validate(graphs: CalibrationGraphs, data: CalibrationSet, best: Candidate, timesteps: np.ndarray,
+             hw: tuple[int, int] | None, cost: ScoringCost) -> ValidationScore:
+    """The chosen candidate against sampling without cache on the validation rows, which played no
+    part in the choice (`validation`)."""
+    split, n = data.split, len(timesteps)
+    reference = data.sample(graphs.plain, np.ones(n, bool), rows=split.validate, seed=split.validation_seed,
+                            no_cache=True, check_finite=True).final
+    tables = CorrectionTables.build(best.correction, best.schedule.full, timesteps, hw)
+    final = data.sample(graphs.dispatch_for(tables), best.schedule.full, tables, rows=split.validate,
+                        seed=split.validation_seed).final
+    cost.other(2 * len(split.validate), n)
+    scores = psnr(final, reference)
+    return ValidationScore(split.mode, split.validate, split.validation_seed, float(scores.mean()), float(scores.min()))
 
 
 # ------------------------------------------------------------------ the calibration
@@ -362,10 +478,14 @@ def predictors_for(plan: CalibrationPlan, n: int) -> dict[Predictor, Correction]
 
 def calibrate(graphs: CalibrationGraphs, data: CalibrationSet, plan: CalibrationPlan,
               filter_hw: tuple[int, int] | None, progress: bool = True) -> CalibrationResult:
+    t0 = time.perf_counter()
     spec = data.spec
     n = spec.n_steps
     timesteps = timesteps_of(spec)
-    ref = reference_run(graphs, data, progress)
+    split = data.split
+    ref = reference_run(graphs, data, progress, rows=split.choose)  # the validation rows stay unseen
+    reference = np.zeros((data.n_samples, *ref.final.shape[1:]), ref.final.dtype)
+    reference[list(split.choose)] = ref.final
     predictors = predictors_for(plan, n)
 
     errors: dict[Predictor, PairCost] = {}
@@ -389,23 +509,26 @@ def calibrate(graphs: CalibrationGraphs, data: CalibrationSet, plan: Calibration
             runs.append((s, Correction.none(n)))
         if plan.correction != CorrectionSearch.NONE:
             runs += [(s, corr) for corr in predictors.values()]
-    scorer = Scorer(graphs, data, ref.final, timesteps, filter_hw)
-    for s, corr in tqdm(runs, desc="calibration: schedules", disable=not progress):
-        scorer.score(s, corr)
+    scorer = Scorer(graphs, data, reference, timesteps, filter_hw, halving=plan.halving)
+    scorer.cost.other(len(split.choose), n)  # the reference run
+    scorer.tournament(runs, progress, "calibration: schedules")
 
-    corrected = [c for c in scorer.candidates if not c.correction.is_none]
+    corrected = [c for c in scorer.complete if not c.correction.is_none]
     top = max(corrected, key=lambda c: c.rank) if corrected else None
     if (top is not None and plan.correction in (CorrectionSearch.GAMMA, CorrectionSearch.AUTO) and plan.fit_gamma
             and top.schedule.n_cached):
-        for corr in predictors.values():  # every predictor on the top schedule: the ablation is in the report
-            if not scorer.has(top.schedule, corr.name):
-                scorer.score(top.schedule, corr)
-        for corr in tqdm(refinements(scorer, top, plan, n, progress), desc="calibration: corrections",
-                         disable=not progress):
-            scorer.score(top.schedule, corr)
-    best = max(scorer.candidates, key=lambda c: c.rank)
+        # every predictor on the top schedule: the ablation is in the report
+        scorer.tournament([(top.schedule, corr) for corr in predictors.values()
+                           if not scorer.has(top.schedule, corr.name)])
+        scorer.tournament([(top.schedule, corr) for corr in refinements(scorer, top, plan, n, progress)], progress,
+                          "calibration: corrections")
+    best = scorer.best()
+    validation = validate(graphs, data, best, timesteps, filter_hw, scorer.cost)
+    limits = plan.run_limits(n)
     return CalibrationResult(timesteps, ref.curvature, best, scorer.candidates,
-                             extrapolation_ratios(best.schedule.full, timesteps), ref.final, filter_hw)
+                             extrapolation_ratios(best.schedule.full, timesteps), scorer.reference, filter_hw,
+                             split, validation, scorer.cost, time.perf_counter() - t0, max(limits),
+                             plan.max_consecutive is None)
 
 
 def measure_cost_ratio(dispatch: StepDispatch, data: CalibrationSet, repeats: int = 5) -> tuple[float, float, float]:

@@ -101,6 +101,13 @@ def extrapolation_ratios(full: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return ratios
 
 
+def run_position_scale(full: np.ndarray, decay: float) -> np.ndarray:
+    """[N] γ scale by position p in the run of cached steps (p = 1 right after a full step):
+    decay^(p − 1), 1 at full steps. Longer runs extrapolate further from the last full pair, where
+    the linear trend over- (decay < 1) or under-shoots (decay > 1); the tables carry it per step."""
+    return np.where(np.asarray(full, bool), 1.0, float(decay) ** np.maximum(sched.Schedule(full).staleness - 1, 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class CorrectionTables:
     """The per-step tables of one correction on one schedule: what the cache graph gathers by step.

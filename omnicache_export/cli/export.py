@@ -51,7 +51,14 @@ def register(verbs, parents: list[argparse.ArgumentParser]) -> None:
     c.add_argument("--calib", type=Path, metavar="FILE.npz",
                    help="conditioning arrays keyed by input name (default: synthesized from the input shapes, "
                         "with a warning)")
-    c.add_argument("--num-calib", type=int, default=4, metavar="K", help="calibration samples (default: 4)")
+    c.add_argument("--num-calib", type=int, default=None, metavar="K",
+                   help="calibration samples (default: 12); with --validation split half of them are held out "
+                        "from the choice and report its quality")
+    c.add_argument("--validation", choices=["split", "seeds"], default=None,
+                   help="where the reported quality is measured: on calibration samples held out from the choice "
+                        "(split), or on the K conditions at a fresh seed (seeds) (default: split)")
+    c.add_argument("--no-halving", action="store_true",
+                   help="score every candidate on every sample instead of by successive halving (default: halving)")
     c.add_argument("--seed", type=int, default=0, metavar="S", help="noise seed of the calibration samples (default: 0)")
     target = c.add_mutually_exclusive_group()
     target.add_argument("--cache-ratio", type=float, metavar="R",
@@ -60,7 +67,9 @@ def register(verbs, parents: list[argparse.ArgumentParser]) -> None:
     target.add_argument("--speedup", type=float, metavar="X",
                         help="target speedup, from the measured cost of the two graphs (default: none; see "
                              "--cache-ratio)")
-    c.add_argument("--max-consecutive", type=int, default=2, metavar="N", help="longest run of cached steps (default: 2)")
+    c.add_argument("--max-consecutive", default="auto", metavar="N|auto",
+                   help="longest run of cached steps (default: auto, runs of up to 4 where the target needs them, "
+                        "the limit picked by score)")
     last = c.add_mutually_exclusive_group()
     last.add_argument("--allow-last-cached", dest="last_step", action="store_const", const=True,
                       help="schedules may cache the last step (default: calibration tries both ways)")
@@ -80,7 +89,7 @@ def _check(a: argparse.Namespace) -> None:
     from omnicache_export.calibration.schedule import ScheduleFamily
     from omnicache_export.runtime.sampler import SCHEDULER_PRESETS
 
-    if a.num_calib < 1:
+    if a.num_calib is not None and a.num_calib < 1:
         raise UserError("--num-calib must be at least 1")
     if a.cache_ratio is not None and not 0 <= a.cache_ratio < 1:
         raise UserError(f"--cache-ratio {a.cache_ratio}: must be in [0, 1)")
@@ -90,8 +99,7 @@ def _check(a: argparse.Namespace) -> None:
     unknown = set(a.schedules.split(",")) - set(families) if a.schedules else set()
     if unknown:
         raise UserError(f"--schedules: unknown {', '.join(sorted(unknown))} (choose from {', '.join(families)})")
-    if a.max_consecutive < 1:
-        raise UserError("--max-consecutive must be at least 1")
+    a.max_consecutive = _max_consecutive(a.max_consecutive)
     common.input_file(a.model, "an ONNX file")
     from omnicache_export.pipeline.tensorrt_build import check_calibration_target
 
@@ -101,10 +109,45 @@ def _check(a: argparse.Namespace) -> None:
         raise UserError(f"--scheduler {a.scheduler}: is a directory, not a scheduler_config.json")
 
 
+def _max_consecutive(value: str) -> int | None:
+    """--max-consecutive: `auto` (None) or a positive integer."""
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"--max-consecutive {value}: an integer >= 1 or auto") from None
+    if n < 1:
+        raise UserError("--max-consecutive must be at least 1")
+    return n
+
+
 def sampling_line(scheduler: dict, steps: int, guidance: float, how: str) -> str:
     cls = scheduler.get("_class_name", "?")
     kind = "flow matching" if "FlowMatch" in cls else f"{scheduler.get('prediction_type', 'epsilon')} prediction"
     return f"sampling: {cls} ({how}), {kind}, {steps} steps, guidance scale {guidance:g}"
+
+
+def _db(v: float | None) -> str:
+    return "identical" if v is None else f"{v:.2f} dB"
+
+
+def quality_line(quality, cost) -> str:
+    """The summary's quality line: the held-out figure first (what new conditions get), then the
+    figure on the samples that chose (optimistic), and what choosing cost."""
+    chose = f"{_db(quality.psnr_db_mean)} on the samples that chose it"
+    if quality.validation:
+        where = ("held-out calibration samples" if quality.validation == "split"
+                 else "the calibration conditions at a fresh seed")
+        line = (f"quality vs no cache: {_db(quality.validation_psnr_db)} PSNR on {quality.validation_samples} "
+                f"{where} ({chose})")
+    else:
+        line = f"quality vs no cache on the calibration samples: {_db(quality.psnr_db_mean)} PSNR"
+    if cost is not None:
+        how = "successive halving" if cost.halving else "every candidate on every sample"
+        line += (f"; scoring: {cost.scoring_evaluations} model evaluations ({how}; "
+                 f"{cost.exhaustive_evaluations} exhaustive), {cost.scoring_seconds:.1f} s")
+    return line
 
 
 def run(a: argparse.Namespace) -> int:
@@ -117,7 +160,9 @@ def run(a: argparse.Namespace) -> int:
         steps=a.steps,
         calib=a.calib,
         guidance_scale=a.guidance_scale,
-        num_calib=a.num_calib,
+        **({} if a.num_calib is None else {"num_calib": a.num_calib}),
+        **({} if a.validation is None else {"validation": a.validation}),
+        halving=not a.no_halving,
         seed=a.seed,
         latent_shape=common.parse_ints(a.latent_shape, "--latent-shape"),
         input_dims=common.parse_dims(a.input_shape),
@@ -153,12 +198,13 @@ def run(a: argparse.Namespace) -> int:
     sched, speed, quality = manifest.schedule, manifest.speed, manifest.calibration.quality
     how = "default, no --scheduler given" if a.scheduler is None else f"--scheduler {a.scheduler}"
     print(sampling_line(manifest.sampling.scheduler, len(sched.full), manifest.sampling.guidance_scale, how))
-    print(f"schedule {sched.name}: {sched.pattern} ({sched.n_cached} of {len(sched.full)} steps cached)")
+    limit = f"runs <= {sched.max_consecutive}" + (", auto" if sched.max_consecutive_auto else "")
+    print(f"schedule {sched.name}: {sched.pattern} ({sched.n_cached} of {len(sched.full)} steps cached, {limit})")
     print(f"correction: {manifest.correction.name}")
     if a.precision != "fp32" or manifest.engines[0].precision.value != "fp32":
         print(f"precision: {manifest.engines[0].precision.value} in the graphs (--precision {a.precision}, "
               f"--io-precision {a.io_precision})")
-    print(f"quality vs no cache on the calibration samples: {quality.psnr_db_mean:.2f} dB PSNR")
+    print(quality_line(quality, manifest.calibration.cost))
     measured = speed.measured_speedup
     if measured:
         print(f"speedup: predicted {speed.predicted_speedup:.2f}x, measured {measured:.2f}x (ONNX Runtime, CPU)")

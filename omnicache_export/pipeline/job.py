@@ -19,7 +19,8 @@ from omnicache_export.graph import modelio
 from omnicache_export.calibration import schedule as sched
 from omnicache_export.graph.analysis import ModelAnalysis, analyze
 from omnicache_export.calibration.calibrate import CalibrationGraphs, CalibrationSet, calibrate, measure_cost_ratio, psnr
-from omnicache_export.calibration.candidates import CalibrationPlan
+from omnicache_export.calibration.candidates import AUTO_MAX_CONSECUTIVE, CalibrationPlan
+from omnicache_export.calibration.validation import DEFAULT_VALIDATION
 from omnicache_export.engines import load_engine
 from omnicache_export.graph.describe import describe_graphs
 from omnicache_export.graph.embed import build_cache_graph, freeze_cache_graph
@@ -42,6 +43,7 @@ from omnicache_export.graph.split import check_saved, write_graphs
 logger = logging.getLogger(__name__)
 UNCORRECTED = "cache.uncorrected.onnx"
 CONVERTED = "source.converted.onnx"  # --precision fp16/bf16: the converted model the split starts from
+DEFAULT_NUM_CALIB = 12  # K, half of it held out for the reported figure (docs/benchmarks.md, "Calibration: reported vs new conditions")
 
 
 @dataclasses.dataclass
@@ -50,7 +52,7 @@ class ExportOptions:
     steps: int = 30
     calib: Path | None = None
     guidance_scale: float = 1.0
-    num_calib: int = 4
+    num_calib: int = DEFAULT_NUM_CALIB
     seed: int = 0
     latent_shape: list[int] | None = None
     input_dims: dict[str, list[int | None]] | None = None
@@ -58,7 +60,9 @@ class ExportOptions:
     prediction_type: str | None = None
     cache_ratio: float | None = None
     speedup: float | None = None
-    max_consecutive: int = 2
+    max_consecutive: int | None = None  # None: auto (runs up to AUTO_MAX_CONSECUTIVE where the target needs them)
+    validation: str = DEFAULT_VALIDATION.value  # split | seeds: which samples the reported quality is measured on
+    halving: bool = True  # score candidates by successive halving (False: every one on every sample)
     allow_last_cached: bool | None = None  # None: calibration tries both, keeps the better
     filters: bool = True
     schedules: tuple[str, ...] | None = None  # restrict schedule candidates (ablations)
@@ -170,7 +174,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
         names = [cache_name(i) for i in range(len(analysis.region.streams))]
         hw = filter_hw(analysis, spec)
         data = CalibrationSet(spec, calib_cond, calib_uncond, opts.seed, batched, k, batch_size=memory.batch_size,
-                              record_budget=memory.record_budget)
+                              record_budget=memory.record_budget, validation=opts.validation)
         load = tensorrt_build.calibration_loader(opts.backend, device, spec, memory.batch_size, calib_cond, tmp)
         with _input_model_errors(model_path):
             graphs = calibration_graphs(tmp, analysis.io, spec, names, hw, load)
@@ -180,11 +184,11 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
             try:
                 n_cached = sched.n_cached_for(
                     opts.steps, cache_ratio=opts.cache_ratio if opts.speedup is None else None,
-                    speedup=opts.speedup, cost_ratio=cost_ratio, max_consecutive=opts.max_consecutive,
+                    speedup=opts.speedup, cost_ratio=cost_ratio, max_consecutive=_run_cap(opts),
                     allow_last_cached=opts.allow_last_cached is not False,
                 ) if (opts.cache_ratio is not None or opts.speedup is not None) else _default_cached(opts)
                 plan = CalibrationPlan(n_cached, opts.max_consecutive, opts.allow_last_cached, opts.filters,
-                                       schedules=opts.schedules, correction=opts.correction)
+                                       schedules=opts.schedules, correction=opts.correction, halving=opts.halving)
                 result = calibrate(graphs, data, plan, hw, progress=opts.progress)
             except ValueError as exc:  # e.g. no schedule of the requested family fits the constraints
                 raise UserError(str(exc)) from None
@@ -205,7 +209,7 @@ def export(model_path: str | Path, out_dir: str | Path, opts: ExportOptions) -> 
         uncond = _write_uncond(tmp, cond, batched) if spec.cfg else None
         manifest = build_manifest(
             tmp, model_path=model_path, analysis=analysis, spec=spec, result=result, tables=tables,
-            full_io=full_io, cache_io=cache_io, max_consecutive=opts.max_consecutive, n_samples=k, seed=opts.seed,
+            full_io=full_io, cache_io=cache_io, max_consecutive=result.max_consecutive, n_samples=k, seed=opts.seed,
             synthesized_conditioning=cond.synthesized, seconds=time.perf_counter() - t0,
             speed=Speed(cost_ratio, full_ms, cache_ms, predicted, verification.pop("measured_speedup")),
             verification=Verification(**verification), index_ranges=index_ranges(source, analysis.io),
@@ -276,10 +280,14 @@ def _input_model_errors(model_path: Path):
         raise
 
 
+def _run_cap(opts: ExportOptions) -> int:
+    """The longest run of cached steps a target may need: the fixed limit, or auto's cap."""
+    return AUTO_MAX_CONSECUTIVE if opts.max_consecutive is None else opts.max_consecutive
+
+
 def _default_cached(opts: ExportOptions) -> int:
     """Without a target: half the steps, within what the consecutive limit allows."""
-    return min(sched.max_cached(opts.steps, opts.max_consecutive, opts.allow_last_cached is not False),
-               opts.steps // 2)
+    return min(sched.max_cached(opts.steps, _run_cap(opts), opts.allow_last_cached is not False), opts.steps // 2)
 
 
 CALIB_PLAIN = "calibration.cache.onnx"  # tables as inputs, the uncorrected output exposed
@@ -351,14 +359,16 @@ def verify_runtime(folder: Path, full_io, cache_io, spec: SamplingSpec, data: Ca
     rt = OmniCache.from_files(folder / "full.onnx", folder / "cache.onnx", full_io, cache_io, spec,
                               result.best.schedule.full)
     try:
+        rows = list(result.best.rows)  # the rows calibration scored the chosen one on (`best.final`'s)
+        cond, uncond = ({k: (v[rows] if k in data.batched else v) for k, v in d.items()} for d in (data.cond, data.uncond))
         kw = {"batched": data.batched, "batch_size": data.batch_size,  # calibration's batches: same numbers, memory
-              "rows": range(data.n_samples)}  # its rows too (a model without conditioning has no row count)
-        cached = rt.sample(data.cond, data.uncond, data.seed, **kw)  # also the warm-up: both graphs ran
+              "rows": rows}  # its rows too (a model without conditioning has no row count)
+        cached = rt.sample(cond, uncond, data.seed, **kw)  # also the warm-up: both graphs ran
         times: dict[bool, list[float]] = {False: [], True: []}  # no_cache -> seconds per run
         for r in range(SPEED_ROUNDS):  # interleaved, the order alternating (AB BA AB): drift hits both
             for no_cache in ((False, True) if r % 2 == 0 else (True, False)):
                 t0 = time.perf_counter()
-                rt.sample(data.cond, data.uncond, data.seed + 1, no_cache=no_cache, **kw)
+                rt.sample(cond, uncond, data.seed + 1, no_cache=no_cache, **kw)
                 times[no_cache].append(time.perf_counter() - t0)
         t_cached, t_full = float(np.median(times[False])), float(np.median(times[True]))
     finally:
@@ -415,5 +425,7 @@ def _write_report(folder: Path, manifest: Manifest, result, masks, synthesized: 
              "streams": [{"cache": t.name, "dtype": t.dtype, "shape": list(t.shape), "entry": st.entry, "exit": st.exit}
                          for t, st in zip(manifest.model_io.cache_tensors, manifest.model_io.block_region.streams)]},
         speed_method=SPEED_METHOD if manifest.speed.measured_speedup is not None else None,
+        cost=None if manifest.calibration.cost is None else manifest.calibration.cost.to_json(),
+        max_consecutive=f"{manifest.schedule.max_consecutive}" + (" (auto)" if manifest.schedule.max_consecutive_auto else ""),
     )
     write_report(folder / "report.html", data)

@@ -60,7 +60,7 @@ def build_manifest(
     block stack; spec: the sampling spec calibrated for; result: calibration's result (`best` is
     the chosen candidate); tables: the chosen correction's tables as frozen into cache.onnx
     (`result.tables()`); full_io / cache_io: `describe_graphs` of the exported graphs;
-    max_consecutive: the cached-run limit calibration ran under; n_samples, seed,
+    max_consecutive: the cached-run limit calibration ran under (auto: the largest it tried); n_samples, seed,
     synthesized_conditioning: the calibration set; seconds: calibration's wall time; speed,
     verification: the measured records; engines: the graph files per backend, device, precision;
     index_ranges: each integer input's [low, high) embedding rows (`graph.synthetic.index_ranges`),
@@ -78,11 +78,12 @@ def build_manifest(
         timesteps=tuple(float(t) for t in result.timesteps),
         schedule=mf.Schedule(tuple(bool(f) for f in best.schedule.full), best.schedule.name,
                              best.schedule.family.value, best.schedule.pattern, best.schedule.n_full,
-                             best.schedule.n_cached, max_consecutive),
+                             best.schedule.n_cached, max_consecutive, result.max_consecutive_auto,
+                             best.schedule.max_run),
         correction=correction(result, tables, spec.n_steps),
         calibration=mf.Calibration(n_samples, seed, synthesized_conditioning,
                                    tuple(candidate_score(c, c is best) for c in result.candidates),
-                                   mf.Quality(best.psnr_db, best.psnr_min_db, best.rmse), round(seconds, 2)),
+                                   quality(result), round(seconds, 2), cost(result)),
         speed=speed,
         verification=verification,
         engines=tuple(engines),
@@ -144,7 +145,23 @@ def stages(f: StageFilter, n_steps: int) -> tuple[mf.Stage, ...]:
 def candidate_score(c: Candidate, chosen: bool) -> mf.CandidateScore:
     s = c.schedule
     return mf.CandidateScore(s.name, s.family.value, s.pattern, c.correction.name, s.n_full, s.n_cached,
-                             c.psnr_db, c.psnr_min_db, c.rmse, chosen)
+                             c.psnr_db, c.psnr_min_db, c.rmse, chosen, len(c.rows) if c.rows else None)
+
+
+def quality(result: CalibrationResult) -> mf.Quality:
+    """The chosen candidate on the rows that chose it, and on the validation rows (`validation`)."""
+    best, v = result.best, result.validation
+    if v is None:
+        return mf.Quality(best.psnr_db, best.psnr_min_db, best.rmse)
+    return mf.Quality(best.psnr_db, best.psnr_min_db, best.rmse, v.psnr_db, v.psnr_min_db, v.mode.value, len(v.rows))
+
+
+def cost(result: CalibrationResult) -> mf.CalibrationCost | None:
+    c = result.cost
+    if c is None:
+        return None
+    return mf.CalibrationCost(c.halving, c.scoring_evaluations, c.exhaustive_evaluations, c.other_evaluations,
+                              round(c.scoring_seconds, 2))
 
 
 def _floats(a) -> tuple[float, ...]:

@@ -76,6 +76,10 @@ class ReportData:
     engines: list = dataclasses.field(default_factory=list)
     cut: dict = dataclasses.field(default_factory=dict)
     speed_method: str | None = None  # how measured_speedup was measured ("median of 3 interleaved runs")
+    # The manifest's `calibration.cost` record as JSON (None: not recorded), and the run limit
+    # ("2", "3 (auto)").
+    cost: Mapping[str, Any] | None = None
+    max_consecutive: str = ""
 
     @classmethod
     def example(cls, n_steps: int = 20, k: int = 3, seed: int = 0) -> "ReportData":
@@ -248,9 +252,12 @@ def _quality(d: ReportData) -> tuple[Quality, int | None, dict]:
     if isinstance(d.quality, Quality):
         return d.quality, d.n_samples, {}
     given = dict(d.quality or {})
-    names = [f.name for f in dataclasses.fields(Quality)]
+    fields = dataclasses.fields(Quality)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    optional = [f.name for f in fields if f.default is not dataclasses.MISSING]
     n_samples = given.pop("n_samples", d.n_samples)
-    return Quality(**{k: given.pop(k, None) for k in names}), n_samples, given
+    values = {k: given.pop(k, None) for k in required} | {k: given.pop(k) for k in optional if k in given}
+    return Quality(**values), n_samples, given
 
 
 def _kv_table(d: dict, cls: str = "kv") -> str:
@@ -648,9 +655,21 @@ def render_html(data: ReportData) -> str:
     add(_card("full / cached steps", f"{n_full} / {n_cached}"))
     add(_card("predicted speedup", _fmt(pred, ".2f", "×")))
     add(_card("measured speedup", _fmt(measured, ".2f", "×") if measured is not None else "not measured"))
-    add(_card("PSNR mean / min", f"{_fmt(quality.psnr_db_mean, '.2f')} / {_fmt(quality.psnr_db_min, '.2f')} dB"))
+    if quality.validation:
+        held = "held-out samples" if quality.validation == "split" else "fresh seeds"
+        add(_card(f"PSNR on {held} (expect this)",
+                  f"{_fmt(quality.validation_psnr_db, '.2f')} / {_fmt(quality.validation_psnr_min_db, '.2f')} dB "
+                  f"({quality.validation_samples} samples)"))
+    add(_card("PSNR mean / min, samples that chose", f"{_fmt(quality.psnr_db_mean, '.2f')} / {_fmt(quality.psnr_db_min, '.2f')} dB"))
     add(_card("RMSE", _fmt(quality.rmse, ".3g")))
     add(_card("samples", _fmt(n_samples)))
+    if d.max_consecutive:
+        add(_card("longest run limit", _esc(d.max_consecutive)))
+    if d.cost:
+        c = d.cost
+        how = "successive halving" if c.get("halving") else "exhaustive"
+        add(_card(f"scoring cost ({how})", f"{_fmt(c.get('scoring_evaluations'))} of {_fmt(c.get('exhaustive_evaluations'))} "
+                  f"evaluations, {_fmt(c.get('scoring_seconds'), '.1f')} s"))
     add("</div>")
     if d.notes:
         add(f"<p class='warn'>{len(d.notes)} note(s), see <a href='#notes'>Notes</a>.</p>")

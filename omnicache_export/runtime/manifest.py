@@ -288,7 +288,11 @@ class Schedule(_Record):
     pattern: str  # "FFCFC...": `full` as letters
     n_full: int
     n_cached: int
-    max_consecutive: int  # the limit on consecutive cached steps calibration ran under
+    max_consecutive: int  # the limit on consecutive cached steps calibration ran under (auto: the largest tried)
+    # `--max-consecutive auto` (calibration picked the run limit) and the chosen schedule's longest run.
+    # Optional (manifests written before them: a fixed limit, the run not recorded).
+    max_consecutive_auto: bool = dataclasses.field(default=False, metadata={"optional": True})
+    max_run: int | None = dataclasses.field(default=None, metadata={"optional": True})
 
 
 class Stage(str, enum.Enum):
@@ -328,12 +332,32 @@ class Correction(_Record):
 
 @record
 class Quality(_Record):
-    """The chosen candidate against sampling without cache on the calibration samples.
-    None: not finite (an infinite PSNR: identical to the reference)."""
+    """The chosen candidate against sampling without cache on the calibration samples it was chosen
+    on (psnr_db_mean, psnr_db_min, rmse: optimistic, the choice's luck included) and on samples that
+    played no part in the choice (validation_*: the figure to expect on new conditions).
+    None: not finite (an infinite PSNR: identical to the reference), or, for validation_psnr_db in
+    manifests written before it, not measured."""
 
     psnr_db_mean: float | None
     psnr_db_min: float | None
     rmse: float | None
+    validation_psnr_db: float | None = dataclasses.field(default=None, metadata={"optional": True})
+    validation_psnr_min_db: float | None = dataclasses.field(default=None, metadata={"optional": True})
+    validation: str = dataclasses.field(default="", metadata={"optional": True})  # split | seeds ("": none)
+    validation_samples: int = dataclasses.field(default=0, metadata={"optional": True})
+
+
+@record
+class CalibrationCost(_Record):
+    """What choosing cost, in model evaluations (one per sample and step) and seconds: the scoring
+    of candidates (by successive halving, or every one on every row), what scoring every candidate
+    on every choosing row would have taken, and the rest (reference run, γ fits, validation)."""
+
+    halving: bool
+    scoring_evaluations: int
+    exhaustive_evaluations: int
+    other_evaluations: int
+    scoring_seconds: float
 
 
 @record
@@ -350,6 +374,7 @@ class CandidateScore(_Record):
     psnr_min_db: float | None
     rmse: float | None
     chosen: bool
+    n_samples: int | None = dataclasses.field(default=None, metadata={"optional": True})  # rows scored on
 
 
 @record
@@ -360,6 +385,7 @@ class Calibration(_Record):
     candidates: tuple[CandidateScore, ...]
     quality: Quality
     seconds: float
+    cost: CalibrationCost | None = dataclasses.field(default=None, metadata={"optional": True})
 
 
 @record
@@ -540,6 +566,7 @@ def check_rules(m: Manifest) -> None:
     """The rules the types alone do not express (raises SchemaError)."""
     _check_sampling(m)
     _check_steps(m)
+    _check_calibration(m)
     _check_io(m)
     _check_files_listed(m)
     _check_tensorrt_readiness(m)
@@ -629,6 +656,34 @@ def _check_steps(m: Manifest) -> None:
             raise SchemaError(f"correction.{name}", f"{len(getattr(c, name))} entries, sampling.n_steps is {n}")
     if c.filter_hw is not None and min(c.filter_hw) <= 0:
         raise SchemaError("correction.filter_hw", f"{list(c.filter_hw)}: must be positive")
+
+
+def _check_calibration(m: Manifest) -> None:
+    sch, cal = m.schedule, m.calibration
+    if sch.max_consecutive < 0:
+        raise SchemaError("schedule.max_consecutive", f"{sch.max_consecutive}: must be >= 0")
+    if sch.max_run is not None:
+        longest = max((len(r) for r in sch.pattern.split("F")), default=0)
+        if sch.max_run != longest:
+            raise SchemaError("schedule.max_run", f"{sch.max_run}, the pattern's longest run of cached steps is {longest}")
+        if sch.max_run > sch.max_consecutive:
+            raise SchemaError("schedule.max_run", f"{sch.max_run} > schedule.max_consecutive {sch.max_consecutive}")
+    q = cal.quality
+    if q.validation not in ("", "split", "seeds"):
+        raise SchemaError("calibration.quality.validation", f"{q.validation!r} is not one of '', 'split', 'seeds'")
+    if q.validation_samples < 0 or (q.validation_samples > 0) != bool(q.validation):
+        raise SchemaError("calibration.quality.validation_samples",
+                          f"{q.validation_samples}: must be positive exactly where calibration.quality.validation is set")
+    if q.validation_psnr_db is not None and not q.validation:
+        raise SchemaError("calibration.quality.validation_psnr_db", "a validation figure needs calibration.quality.validation")
+    c = cal.cost
+    if c is not None:
+        for name in ("scoring_evaluations", "exhaustive_evaluations", "other_evaluations", "scoring_seconds"):
+            if getattr(c, name) < 0:
+                raise SchemaError(f"calibration.cost.{name}", f"{getattr(c, name)}: must be >= 0")
+        if c.scoring_evaluations > c.exhaustive_evaluations:
+            raise SchemaError("calibration.cost.scoring_evaluations",
+                              f"{c.scoring_evaluations} > calibration.cost.exhaustive_evaluations {c.exhaustive_evaluations}")
 
 
 def _check_io(m: Manifest) -> None:
