@@ -2,7 +2,7 @@
 calibration and the runtime."""
 
 CACHE = "omnicache_cache"
-STEP = "omnicache_step"  # cache graph: int64 [1], the step index its per-step tables are gathered by
+STEP = "omnicache_step"  # cache graph: int64 [batch], each row's step index its per-step tables are gathered by
 FULL_PREV = "omnicache_full_prev"  # cache graph: the model outputs of the last two full steps
 FULL_PREV2 = "omnicache_full_prev2"
 
@@ -59,5 +59,18 @@ def add_table_input(graph, name: str, dims: list[int], dtype):
     import onnx_ir as ir
 
     value = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
+    graph.inputs.append(value)
+    return value
+
+
+def add_step_input(graph):
+    """The per-row step index, int64 [batch], as a new graph input. Its dim is the graph output's
+    batch dim (the same symbol, or the static size), so every batch axis of the graph reads as one
+    dim to shape tools (Polygraphy's default data loader, TensorRT's profiles)."""
+    import onnx_ir as ir
+
+    out = graph.outputs[0].shape if graph.outputs else None
+    batch = out[0] if out is not None and len(out) else None
+    value = ir.Value(name=STEP, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(value)
     return value

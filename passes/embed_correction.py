@@ -47,7 +47,7 @@ import onnx_ir as ir
 
 from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.cache_names import (
-    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_table_input, uncorrected_name, widened,
+    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_step_input, add_table_input, uncorrected_name, widened,
 )
 from omnicache_export.passes.hartley import hartley_matrix
 from omnicache_export.passes.per_row import scale_rows
@@ -145,8 +145,7 @@ class EmbedCorrectionPass(ir.passes.InPlacePass):
 
         step = next((v for v in graph.inputs if v.name == STEP), None)
         if step is None:
-            step = ir.Value(name=STEP, shape=ir.Shape([None]), type=ir.TensorType(ir.DataType.INT64))
-            graph.inputs.append(step)
+            step = add_step_input(graph)
         prev, prev2 = (ir.Value(name=n, shape=out_tilde.shape, type=out_tilde.type) for n in (FULL_PREV, FULL_PREV2))
         graph.inputs.extend([prev, prev2])
 

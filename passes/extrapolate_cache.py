@@ -28,7 +28,7 @@ import onnx_ir as ir
 from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.per_row import scale_rows
 from omnicache_export.passes.cache_names import (
-    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_table_input, prev_cache_name, widened,
+    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_step_input, add_table_input, prev_cache_name, widened,
 )
 
 _FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
@@ -70,8 +70,7 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
-        step = ir.Value(name=STEP, shape=ir.Shape([None]), type=ir.TensorType(ir.DataType.INT64))
-        graph.inputs.append(step)
+        step = add_step_input(graph)
         table = add_table_input(graph, TREND, [self.n_steps], ir.DataType.FLOAT)
         nodes: list[ir.Node] = []
 

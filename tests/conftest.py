@@ -83,3 +83,26 @@ def zoo_step(zoo_split):
         return folder, feeds, full
 
     return get
+
+
+def with_plans(out, version="10.16.0.72", gpu="NVIDIA H200", cc=(9, 0), **changes):
+    """The export's manifest plus a TensorRT entry written by hand (placeholder plan files, hashed as
+    artifacts): what `build` records, without TensorRT."""
+    import dataclasses
+
+    from omnicache_export.pipeline import build_script, reference_io
+    from omnicache_export.runtime import manifest as mf
+
+    m = mf.read_manifest(out)
+    dims = reference_io.load_inputs(out, "full")
+    profiles = build_script.dynamic_profiles(m, dims=build_script.open_dims(m, {"full": dims}))
+    device = mf.tensorrt_device(cc)
+    names = {g: f"tensorrt/{device}-fp32/{g}.plan" for g in mf.GRAPHS}
+    for g, name in names.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(f"not a real {g} plan".encode())
+    plans = {g: mf.TensorRtPlan(version, gpu, cc, (profiles[g],), 3, False, None) for g in mf.GRAPHS}
+    entry = mf.EngineEntry(mf.TENSORRT, device, mf.Precision.FP32, names["full"], names["cache"], plans=plans)
+    entry = dataclasses.replace(entry, **changes)
+    return dataclasses.replace(m, engines=(*m.engines, entry), artifacts={**m.artifacts, **mf.artifact_entries(
+        out, list(names.values()))})

@@ -26,6 +26,8 @@ from omnicache_export.pipeline.job import ExportOptions, export
 from omnicache_export.pipeline.tensorrt_build import tensorrt_available
 from omnicache_export.runtime import manifest as mf
 from omnicache_export.runtime.omnicache import OmniCache
+
+from conftest import with_plans
 from omnicache_export.zoo.export import write_inputs_npz
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -197,24 +199,6 @@ def test_backend_tensorrt_without_tensorrt_writes_nothing(zoo_export, tmp_path, 
 
 
 # ------------------------------------------------------------------ plan records in the manifest
-
-
-def with_plans(out: Path, version="10.16.0.72", gpu="NVIDIA H200", cc=(9, 0), **changes) -> mf.Manifest:
-    """The export's manifest plus a TensorRT entry written by hand (placeholder plan files, hashed as
-    artifacts): what `build` records, without TensorRT."""
-    m = mf.read_manifest(out)
-    dims = reference_io.load_inputs(out, "full")
-    profiles = build_script.dynamic_profiles(m, dims=build_script.open_dims(m, {"full": dims}))
-    device = mf.tensorrt_device(cc)
-    names = {g: f"tensorrt/{device}-fp32/{g}.plan" for g in mf.GRAPHS}
-    for g, name in names.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(f"not a real {g} plan".encode())
-    plans = {g: mf.TensorRtPlan(version, gpu, cc, (profiles[g],), 3, False, None) for g in mf.GRAPHS}
-    entry = mf.EngineEntry(mf.TENSORRT, device, mf.Precision.FP32, names["full"], names["cache"], plans=plans)
-    entry = dataclasses.replace(entry, **changes)
-    return dataclasses.replace(m, engines=(*m.engines, entry), artifacts={**m.artifacts, **mf.artifact_entries(
-        out, list(names.values()))})
 
 
 def test_tensorrt_entry_validates_and_reads_back(exports, tmp_path):

@@ -208,23 +208,19 @@ def test_python_onnxruntime_repository_and_its_load_checks(export_out, tmp_path)
 def test_tensorrt_repository_copies_the_plans(export_out, tmp_path):
     """An export whose manifest lists TensorRT plans (stand-in bytes here: no TensorRT to build them):
     each is copied to model.plan with the manifest's hash; a plan changed since is refused."""
-    import dataclasses
+    from omnicache_export.runtime.manifest import write_manifest
 
-    from omnicache_export.runtime.manifest import Artifact, EngineEntry, Precision, write_manifest
+    from conftest import with_plans
 
     out = tmp_path / "out"
     shutil.copytree(export_out, out)
-    manifest = read_manifest(out)
-    artifacts = dict(manifest.artifacts)
-    for graph in ("full", "cache"):
-        (out / f"{graph}.plan").write_bytes(f"plan of {graph}".encode())
-        artifacts[f"{graph}.plan"] = Artifact(sha256_file(out / f"{graph}.plan"), len(f"plan of {graph}"))
-    entry = EngineEntry("tensorrt", "cuda", Precision.FP32, "full.plan", "cache.plan")
-    write_manifest(out, dataclasses.replace(manifest, engines=(*manifest.engines, entry), artifacts=artifacts))
+    manifest = with_plans(out)  # placeholder plan files ("not a real full plan"), hashed, with their records
+    write_manifest(out, manifest)
+    plans = {g: (out / getattr(manifest.engines[-1], g)).read_bytes() for g in ("full", "cache")}
     repo = _repo(out, tmp_path, "tensorrt")
     for graph in ("full", "cache"):
-        assert (repo / f"omnicache_{graph}" / "1" / "model.plan").read_bytes() == f"plan of {graph}".encode()
-    (out / "cache.plan").write_bytes(b"plan of cachE")
+        assert (repo / f"omnicache_{graph}" / "1" / "model.plan").read_bytes() == plans[graph]
+    (out / manifest.engines[-1].cache).write_bytes(b"plan of cachE")
     assert main(["triton-repo", str(out), "-o", str(tmp_path / "again"), "--engines", "tensorrt"]) == 2
     assert not (tmp_path / "again").exists()
 

@@ -83,12 +83,16 @@ def _rehash(folder: Path, data: dict) -> None:
 
 
 def _flip(data: dict, k: int, recompute_ratios: bool) -> None:
-    """Flip schedule step k, with every field the schema ties to it (pattern, counts); with
+    """Flip schedule step k, with every field the schema ties to it (pattern, counts, longest run); with
     `recompute_ratios` also the correction's ratios, so only the graphs can tell."""
     full = list(data["schedule"]["full"])
     full[k] = not full[k]
     data["schedule"] |= {"full": full, "pattern": "".join("F" if f else "C" for f in full),
                          "n_full": sum(full), "n_cached": len(full) - sum(full)}
+    if data["schedule"].get("max_run") is not None:  # the longest cached run, within the limit
+        runs = "".join("F" if f else "C" for f in full).split("F")
+        data["schedule"]["max_run"] = longest = max(map(len, runs))
+        data["schedule"]["max_consecutive"] = max(data["schedule"]["max_consecutive"], longest)
     if recompute_ratios:
         data["correction"]["ratios"] = gc.ratios(np.array(full), np.array(data["timesteps"])).tolist()
 

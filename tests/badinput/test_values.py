@@ -172,12 +172,12 @@ def test_non_finite_export_names_rows_and_step(pixart, tmp_path, capsys):
     model, _, huge = pixart
     with pytest.raises(NonFiniteSamples) as info:
         export(model, tmp_path / "out", ExportOptions(scheduler="flow-euler", steps=4, calib=huge, num_calib=2,
-                                                      progress=False))
+                                                      validation="seeds", progress=False))  # both rows choose
     assert info.value.rows == [0, 1] and info.value.step == 0
     assert str(info.value).startswith("sampling went non-finite (NaN or inf) in rows 0, 1 of 2, from step 0 of 4")
     assert not (tmp_path / "out").exists()
     argv = [str(model), "-o", str(tmp_path / "out"), "--scheduler", "flow-euler", "--steps", "4", "--calib", str(huge),
-            "-q"]
+            "--validation", "seeds", "-q"]
     assert main(argv) == 2
     assert "in rows 0, 1 of 2, from step 0 of 4" in one_line_error(capsys)
 
