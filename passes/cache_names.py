@@ -64,13 +64,10 @@ def add_table_input(graph, name: str, dims: list[int], dtype):
 
 
 def add_step_input(graph):
-    """The per-row step index, int64 [batch], as a new graph input. Its dim is the graph output's
-    batch dim (the same symbol, or the static size), so every batch axis of the graph reads as one
-    dim to shape tools (Polygraphy's default data loader, TensorRT's profiles)."""
+    """The per-row step index, int64 [batch], as a new graph input (its dim unnamed here: a [1] step
+    still broadcasts; `graph.embed.build_cache_graph` names it after the output's batch)."""
     import onnx_ir as ir
 
-    out = graph.outputs[0].shape if graph.outputs else None
-    batch = out[0] if out is not None and len(out) else None
-    value = ir.Value(name=STEP, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT64))
+    value = ir.Value(name=STEP, shape=ir.Shape([None]), type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(value)
     return value

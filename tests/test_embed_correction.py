@@ -89,8 +89,11 @@ def history(shape, rng, dtype=np.float32):
     return {FULL_PREV: rng.standard_normal(shape).astype(dtype), FULL_PREV2: rng.standard_normal(shape).astype(dtype)}
 
 
-def at(step: int) -> dict:
-    return {STEP: np.array([step], np.int64)}
+def at(step: int, hist: dict | None = None) -> dict:
+    """The step index fed: one per row of the last full output in `hist` (a [1] step where none, or
+    where the output has no batch axis: a rank-2 [h, w] output)."""
+    rows = len(hist[FULL_PREV]) if hist and hist[FULL_PREV].ndim > 2 else 1
+    return {STEP: np.full(rows, step, np.int64)}
 
 
 def step_masks(n, h, w):
@@ -114,8 +117,8 @@ def test_parametric_graph_fed_tables_equals_the_frozen_graph(family, split_case,
     assert {v.name for v in ir.load(parametric).graph.inputs} >= set(tables)
     hist = history(full_out.shape, rng)
     for step in range(4):
-        fed = run_ort(parametric, {**feeds, **hist, **tables, **at(step)})["out_sample"]
-        out = run_ort(frozen, {**feeds, **hist, **at(step)})["out_sample"]
+        fed = run_ort(parametric, {**feeds, **hist, **tables, **at(step, hist)})["out_sample"]
+        out = run_ort(frozen, {**feeds, **hist, **at(step, hist)})["out_sample"]
         assert max_rel_err(out, fed) <= 1e-6, step
         assert max_rel_err(out, run_ort(cache, feeds)["out_sample"]) > 1e-3  # the correction really is applied
 
@@ -132,7 +135,7 @@ def test_zero_tables_keep_the_cache_output(family, split_case, tmp_path):
     hist = history(full_out.shape, np.random.default_rng(0))
     for step in (0, 2, 4):
         for path in (parametric, frozen):
-            out = run_ort(path, {**feeds, **hist, **tables, **at(step)})["out_sample"]
+            out = run_ort(path, {**feeds, **hist, **tables, **at(step, hist)})["out_sample"]
             assert np.array_equal(out, uncorrected)  # õ + 0
         assert max_rel_err(out, full_out) <= 1e-4
 
@@ -150,7 +153,7 @@ def test_exposed_uncorrected_output_is_the_cache_graph_output(family, split_case
     assert [v.name for v in ir.load(parametric).graph.outputs] == ["out_sample", UNCORRECTED]
     hist = history(full_out.shape, rng)
     for step in (1, 2):
-        run = run_ort(parametric, {**feeds, **hist, **tables, **at(step)})
+        run = run_ort(parametric, {**feeds, **hist, **tables, **at(step, hist)})
         rho = tables[TREND][step]
         if rho == 0:
             assert np.array_equal(run[UNCORRECTED], plain)
@@ -175,7 +178,7 @@ def test_filtered_correction_matches_numpy_fft(family, split_case, tmp_path):
     _, frozen = graphs(cache, tmp_path, tables_of(coefficients, masks))
     hist = history(full_out.shape, rng)
     for step in range(6):
-        out = run_ort(frozen, {**feeds, **hist, **at(step)})["out_sample"]
+        out = run_ort(frozen, {**feeds, **hist, **at(step, hist)})["out_sample"]
         ref = correction_reference(uncorrected, hist[FULL_PREV], hist[FULL_PREV2], coefficients[step], masks[step])
         if coefficients[step] == 0:
             assert np.array_equal(out, uncorrected)
@@ -208,7 +211,7 @@ def test_unfiltered_correction_is_plain_extrapolation(family, split_case, tmp_pa
     assert added.count("Mul") == 1 and added.count("Gather") == 1
     hist = history(full_out.shape, np.random.default_rng(3))
     for step in (1, 3, 4):
-        out = run_ort(frozen, {**feeds, **hist, **at(step)})["out_sample"]
+        out = run_ort(frozen, {**feeds, **hist, **at(step, hist)})["out_sample"]
         expected = uncorrected + coefficients[step] * (hist[FULL_PREV] - hist[FULL_PREV2])
         np.testing.assert_array_equal(out, expected)
 
@@ -363,12 +366,12 @@ def test_dtypes_ranks_and_rectangular_masks(dtype, shape, tmp_path):
     x = rng.standard_normal(shape).astype(dtype)
     hist = history(shape, rng, dtype)
     for step in range(3):
-        out = run_ort(frozen, {"x": x, **hist, **at(step)})["y"]
+        out = run_ort(frozen, {"x": x, **hist, **at(step, hist)})["y"]
         assert out.dtype == dtype and list(out.shape) == shape
         ref = correction_reference(np.maximum(x, 0), hist[FULL_PREV], hist[FULL_PREV2], coefficients[step], masks[step])
         tol = 2e-3 if dtype == np.float16 else 1e-5  # fp16: the final Add rounds to half precision
         assert max_rel_err(out.astype(np.float64), ref.astype(np.float64)) <= tol, step
-        fed = run_ort(parametric, {"x": x, **hist, **tables, **at(step)})["y"]
+        fed = run_ort(parametric, {"x": x, **hist, **tables, **at(step, hist)})["y"]
         assert max_rel_err(out.astype(np.float64), fed.astype(np.float64)) <= 1e-6, step
 
 
@@ -379,7 +382,7 @@ def test_blend_moves_the_base_to_the_last_full_output(split_case, tmp_path):
     _, frozen = graphs(cache, tmp_path, tables_of([0.0, 0.5, 1.0], blend=[0.0, 1.0, 0.0]))
     hist = history(full_out.shape, np.random.default_rng(5))
     d = hist[FULL_PREV] - hist[FULL_PREV2]
-    out1 = run_ort(frozen, {**feeds, **hist, **at(1)})["out_sample"]
+    out1 = run_ort(frozen, {**feeds, **hist, **at(1, hist)})["out_sample"]
     np.testing.assert_allclose(out1, hist[FULL_PREV] + 0.5 * d, rtol=0, atol=1e-5)
     out2 = run_ort(frozen, {**feeds, **hist, **at(2)})["out_sample"]
     np.testing.assert_allclose(out2, uncorrected + d, rtol=0, atol=1e-5)

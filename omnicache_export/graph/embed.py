@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from omnicache_export.passes.cache_names import STEP
 from omnicache_export.passes.correction_pipeline import cache_graph_passes, freeze
 
 
@@ -18,7 +19,20 @@ def build_cache_graph(
     (see passes.cache_names.TABLES); with `expose_uncorrected`, õ is an output too."""
     passes = cache_graph_passes(output_name, cache_names, n_steps, trend=trend, blend=blend,
                                 filter_hw=filter_hw, expose_uncorrected=expose_uncorrected)
-    return ir.passes.functionalize(passes)(uncorrected).model
+    model = ir.passes.functionalize(passes)(uncorrected).model
+    _name_step_batch(model.graph)
+    return model
+
+
+def _name_step_batch(graph: ir.Graph) -> None:
+    """The exported graphs' step index takes the output's batch symbol, so every batch axis reads as
+    one dim to shape tools (Polygraphy's default data loader, TensorRT's profiles); the runtime then
+    feeds a step per row (`StepDispatch.step_per_row`)."""
+    step = next((v for v in graph.inputs if v.name == STEP), None)
+    out = graph.outputs[0].shape if graph.outputs else None
+    first = out[0] if out is not None and len(out) else None
+    if step is not None and isinstance(first, ir.SymbolicDim) and first.value is not None:
+        step.shape = ir.Shape([first])
 
 
 def freeze_cache_graph(model: ir.Model, tables: dict[str, np.ndarray]) -> ir.Model:
