@@ -203,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from omnicache_export.zoo.reference import export_reference, load_reference
 
-    import logging
-
-    logging.getLogger("omnicache_export").setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
     restore = set_threads(1)
     t_start = time.perf_counter()

@@ -687,7 +687,6 @@ def main(argv: list[str] | None = None) -> int:
         models, steps, ratios, spc = models[:1], steps[-1:], ratios[1:2] or ratios[:1], 2
     methods = {m.strip() for m in a.methods.split(",")} if a.methods else None
     log = (lambda *_: None) if a.quiet else (lambda s: print(s, flush=True))
-    logging.getLogger("omnicache_export").setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     if a.render:
@@ -792,7 +791,8 @@ def weights_digest(name: str, weights_dir: Path | None) -> str:
 def set_threads(n: int):
     """The same thread count for torch and for every ONNX Runtime session this process opens (the
     runtime's engine loaders take a `threads` setting; this sets the default of every loader, also the
-    ones calibration opens). Returns a function that undoes it."""
+    ones calibration opens), and the library's log at errors only (its per-export notes would drown
+    the table). Returns a function that undoes both, so an in-process caller (the tests) keeps its logs."""
     import torch
 
     from omnicache_export.engines import onnxruntime as ort_engine
@@ -807,9 +807,13 @@ def set_threads(n: int):
         init(self, path, device, threads=threads or n, **kw)
 
     cls.__init__ = __init__
+    library_log = logging.getLogger("omnicache_export")
+    old_level = library_log.level
+    library_log.setLevel(logging.ERROR)
 
     def restore():
         cls.__init__ = init
+        library_log.setLevel(old_level)
         torch.set_num_threads(old_torch)
         if old_env is None:
             os.environ.pop("OMP_NUM_THREADS", None)

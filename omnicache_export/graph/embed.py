@@ -31,8 +31,13 @@ def _name_step_batch(graph: ir.Graph) -> None:
     step = next((v for v in graph.inputs if v.name == STEP), None)
     out = graph.outputs[0].shape if graph.outputs else None
     first = out[0] if out is not None and len(out) else None
-    if step is not None and isinstance(first, ir.SymbolicDim) and first.value is not None:
-        step.shape = ir.Shape([first])
+    if step is None or first is None:
+        return
+    if isinstance(first, ir.SymbolicDim):
+        if first.value is not None:
+            step.shape = ir.Shape([first])
+    elif len(out) > 2:  # a static batch (rank-2 [h, w] outputs have no batch axis)
+        step.shape = ir.Shape([int(first)])
 
 
 def freeze_cache_graph(model: ir.Model, tables: dict[str, np.ndarray]) -> ir.Model:

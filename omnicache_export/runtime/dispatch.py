@@ -85,6 +85,8 @@ class StepDispatch:
         # One step per row (int64 [batch]); an export from before per-row steps takes int64 [1].
         step = next(iter(cache_io.inputs_fed_by(Feed.STEP)), None)
         self.step_per_row = step is not None and tuple(step.shape) != (1,)
+        # A static batch (an export at a fixed batch) fixes the rows fed, whatever the caller's count.
+        self.step_rows = step.shape[0] if step is not None and isinstance(step.shape[0], int) else None
         self.device = full.device
 
     def runners(self) -> tuple[Runner, Runner]:
@@ -136,6 +138,7 @@ class StepDispatch:
     def step_indices(self, n_steps: int, rows: int = 1) -> torch.Tensor:
         """int64 [n_steps, rows]: row i holds step i for each of `rows` model rows (made once per generation)."""
         steps = torch.arange(n_steps, dtype=torch.int64, device=self.device).reshape(n_steps, 1)
+        rows = self.step_rows or rows
         return steps.repeat(1, rows) if rows > 1 and self.step_per_row else steps
 
     def close(self) -> None:
