@@ -43,7 +43,8 @@ TEMP_TAG = "omnicache-tmp"  # a folder being written
 OLD_TAG = "omnicache-old"  # an earlier export moved aside while --force replaces it (fallback only)
 _OURS = re.compile(r"^\.(?P<name>.+)\.(?P<tag>omnicache-tmp|omnicache-old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
-MARKERS = ("omnicache.json", "split.json")  # what an earlier export (main job, split job) holds
+REPOSITORY_MARKER = "omnicache_repository.json"  # a Triton repository triton-repo wrote: the models it holds
+MARKERS = ("omnicache.json", "split.json", REPOSITORY_MARKER)  # what an earlier output of each job holds
 # Everything the main and the split job write into their folder (the manifest's artifacts besides).
 WRITTEN = {"omnicache.json", "split.json", "report.html", "full.onnx", "full.onnx.data", "cache.onnx",
            "cache.onnx.data",
@@ -189,10 +190,15 @@ def _earlier_export_problem(out: Path, given: Path | None = None) -> str | None:
     if not set(MARKERS) & set(entries):
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         return f"{head}: {name} holds no omnicache.json or split.json ({shown})"
-    known = set(WRITTEN)
+    known = set(WRITTEN) | {REPOSITORY_MARKER}
     try:  # the manifest's artifacts are the tool's files too (read raw: only their names matter)
         artifacts = json.loads((out / "omnicache.json").read_text()).get("artifacts", {})
         known |= {Path(key).parts[0] for key in artifacts if isinstance(key, str) and Path(key).parts}
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:  # a repository's model folders, as its marker lists them
+        models = json.loads((out / REPOSITORY_MARKER).read_text()).get("models", [])
+        known |= {m for m in models if isinstance(m, str) and m and Path(m).name == m}
     except (OSError, ValueError, AttributeError):
         pass
     foreign = [e for e in entries if e not in known]

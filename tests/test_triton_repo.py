@@ -122,7 +122,8 @@ def _check_loop_model(repo: Path, manifest, export_out: Path, gpu: bool) -> None
 def test_onnxruntime_repository(export_out, tmp_path):
     repo = _repo(export_out, tmp_path, "onnxruntime")
     manifest = read_manifest(export_out)
-    assert sorted(p.name for p in repo.iterdir()) == ["omnicache", "omnicache_cache", "omnicache_full"]
+    assert sorted(p.name for p in repo.iterdir()) == ["omnicache", "omnicache_cache", "omnicache_full",
+                                                      "omnicache_repository.json"]
     for graph in ("full", "cache"):
         model = repo / f"omnicache_{graph}" / "1" / "model.onnx"
         assert sha256_file(model) == manifest.artifacts[f"{graph}.onnx"].sha256
@@ -223,6 +224,24 @@ def test_tensorrt_repository_copies_the_plans(export_out, tmp_path):
     (out / manifest.engines[-1].cache).write_bytes(b"plan of cachE")
     assert main(["triton-repo", str(out), "-o", str(tmp_path / "again"), "--engines", "tensorrt"]) == 2
     assert not (tmp_path / "again").exists()
+
+
+def test_force_replaces_only_a_repository_it_wrote(export_out, tmp_path, capsys):
+    """The marker lists the models triton-repo wrote: --force replaces those, never a file it did not write."""
+    import json
+
+    repo = _repo(export_out, tmp_path, "onnxruntime")
+    assert json.loads((repo / "omnicache_repository.json").read_text())["models"] == [
+        "omnicache", "omnicache_full", "omnicache_cache"]
+    assert main(["triton-repo", str(export_out), "-o", str(repo), "--engines", "python-onnxruntime"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["triton-repo", str(export_out), "-o", str(repo), "--engines", "python-onnxruntime", "--force",
+                 "--name", "loop"]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["loop", "loop_cache", "loop_full", "omnicache_repository.json"]
+    assert (repo / "loop_full" / "1" / "model.py").exists()  # the python-onnxruntime engines replaced the others
+    (repo / "mine").mkdir()
+    assert main(["triton-repo", str(export_out), "-o", str(repo), "--force"]) == 2
+    assert "did not write (mine)" in capsys.readouterr().err and (repo / "loop").is_dir()
 
 
 def test_bad_input_exit_2_nothing_written(export_out, tmp_path, capsys):

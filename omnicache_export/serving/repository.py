@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -216,4 +217,8 @@ def triton_repo(out_dir: str | Path, repo: str | Path, engines: EngineKind | str
     manifest = read_manifest(out_dir)  # every artifact's hash
     with outputs.atomic_output_dir(repo, force=force, inputs=[out_dir]) as tmp:
         summary = write_repository(manifest, tmp, engines, max_batch, name, precision)
+        # Triton loads only the folders; the marker lets a later --force replace what this wrote, and nothing else
+        marker = {"written_by": "omnicache-export triton-repo", "engines": summary.engines.value,
+                  "models": summary.models}
+        (tmp / outputs.REPOSITORY_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     return summary
