@@ -14,7 +14,6 @@ import concurrent.futures
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from omnicache_export.cli.main import main
 from omnicache_export.hashing import sha256_file
 from omnicache_export.runtime.manifest import load_uncond, read_manifest
 from omnicache_export.serving.pytriton_model import stub_library_path
+from processes import alive, descendants, free_ports
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 STEPS = 6
@@ -262,43 +262,6 @@ def test_bad_input_exit_2_nothing_written(export_out, tmp_path, capsys):
 # ------------------------------------------------------------------ the bundled server
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 class BundledServer:
     """PyTriton's tritonserver on a repository, started as PyTriton starts it: the distribution copied
     without the stubs, this Python's stub put in the Python backend, the package's own libraries and
@@ -326,7 +289,7 @@ class BundledServer:
             pytest.skip(f"the bundled tritonserver cannot run here: {exc}")
         if "--model-repository" not in probe.stdout + probe.stderr:
             pytest.skip(f"the bundled tritonserver cannot run here: {(probe.stderr or probe.stdout).strip()[-300:]}")
-        self.http, self.grpc, metrics = _free_ports(3)
+        self.http, self.grpc, metrics = free_ports(3)
         self.log = work / "tritonserver.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
@@ -335,7 +298,7 @@ class BundledServer:
              str(self.grpc), "--metrics-port", str(metrics), "--exit-timeout-secs", "20"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout=240)
-        self.stubs = _descendants(self.proc.pid)  # the Python stubs, one per model instance
+        self.stubs = descendants(self.proc.pid)  # the Python stubs, one per model instance
 
     def _wait_ready(self, timeout: float) -> None:
         import tritonclient.http as http
@@ -464,10 +427,10 @@ def test_malformed_request_gets_a_clear_error(server, arrays, message):
 
 
 def test_server_stops_cleanly(server):
-    assert server.stubs and all(_alive(pid) for pid in server.stubs)  # three models, one stub each
+    assert server.stubs and all(alive(pid) for pid in server.stubs)  # three models, one stub each
     assert len(server.stubs) >= 3
     assert server.stop() == 0
-    assert not [pid for pid in server.stubs if _alive(pid)]
+    assert not [pid for pid in server.stubs if alive(pid)]
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     for model in ("omnicache", "omnicache_full", "omnicache_cache"):
