@@ -6,7 +6,6 @@ no process behind."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
