@@ -36,12 +36,15 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 
 def load_user_model(path: str | os.PathLike) -> ir.Model:
     """The user's model, as `load_model` loads it, with the known exporter traps ONNX Runtime refuses
-    to load repaired (a warning line says what; `graph.repair.repairs_of` lists it); a model it still
-    refuses is a UserError naming the node and the fix."""
+    to load repaired (a warning line says what; `graph.repair.repairs_of` lists it), and what TensorRT
+    refuses but a rewrite keeps fixed (`graph.tensorrt_fixes`); a model ONNX Runtime still refuses is
+    a UserError naming the node and the fix."""
     from omnicache_export.graph.repair import repair_traps
+    from omnicache_export.graph.tensorrt_fixes import fix_for_tensorrt
 
     model = load_model(path)
     repair_traps(model, Path(path))
+    fix_for_tensorrt(model, Path(path))  # what TensorRT refuses but a rewrite keeps (a warning line each)
     return model
 
 

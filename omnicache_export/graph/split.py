@@ -15,6 +15,7 @@ from omnicache_export import outputs
 from omnicache_export.graph import modelio
 from omnicache_export.graph.analysis import ModelAnalysis, analyze
 from omnicache_export.graph.repair import repairs_of
+from omnicache_export.graph.tensorrt_fixes import fixes_of
 from omnicache_export.graph.synthetic import synthesize
 from omnicache_export.hashing import sha256_file
 from omnicache_export.passes.add_cache_output import AddCacheOutputPass
@@ -37,9 +38,9 @@ class SplitResult:
 
 def build_graphs(path: Path, analysis: ModelAnalysis, source: ir.Model | None = None) -> tuple[ir.Model, ir.Model]:
     """Two independent lazy loads (weights stay memory-mapped), one rewritten into each graph. Where
-    `source` had exporter traps repaired on load, two clones of it instead (weights shared, not copied):
-    the graphs are built from the repaired model, never from the file ONNX Runtime refuses."""
-    repaired = source is not None and bool(repairs_of(source))
+    `source` was changed on load (exporter traps repaired, TensorRT fixes), two clones of it instead
+    (weights shared, not copied): the graphs are built from the model as loaded, never from the file."""
+    repaired = source is not None and changed_on_load(source)
     fresh = (lambda: source.clone()) if repaired else (lambda: modelio.load_model(path))
     full = fresh()
     AddCacheOutputPass(analysis.region)(full)
@@ -53,6 +54,11 @@ def build_graphs(path: Path, analysis: ModelAnalysis, source: ir.Model | None = 
         batch_major(model)
         exact_dims(model)
     return full, cache
+
+
+def changed_on_load(source: ir.Model) -> bool:
+    """`modelio.load_user_model` changed the model: the file is not what the graphs derive from."""
+    return bool(repairs_of(source) or fixes_of(source))
 
 
 def batch_symbol(analysis: ModelAnalysis) -> str:
@@ -121,7 +127,7 @@ def split(
             numeric_check = modelio.weight_bytes(source) <= VERIFY_MAX_WEIGHT_BYTES
         if numeric_check:
             reference = model_path
-            if repairs_of(source):  # compare with the repaired model: the file itself does not load
+            if changed_on_load(source):  # compare with the model as loaded: the file may not load
                 reference = tmp / ".source.repaired.onnx"
                 modelio.save_model(source, reference, external=modelio.uses_external_data(source) or None)
             try:
@@ -135,7 +141,8 @@ def split(
         else:
             verification["numeric"] = "skipped (weights over 1 GiB, or --no-verify)"
         report = {
-            "source": {"name": model_path.name, "sha256": sha256_file(model_path), "repairs": repairs_of(source)},
+            "source": {"name": model_path.name, "sha256": sha256_file(model_path), "repairs": repairs_of(source),
+                       "tensorrt_fixes": fixes_of(source)},
             "analysis": analysis.to_json(),
             "cache_tensors": [cache_name(i) for i in range(len(analysis.region.streams))],
             "verification": verification,
