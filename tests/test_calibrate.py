@@ -163,19 +163,64 @@ def _calibrate(folder, n_steps: int, data_kw: dict, plan: CalibrationPlan):
         graphs.close()
 
 
+def test_halving_policy_rounds_and_keep_rule():
+    from omnicache_export.calibration.halving import DEFAULT_POLICY, HalvingPolicy
+
+    # the default: a quarter of the choosing rows first (3 of 10 at K = 20), rows doubling, all at the end
+    assert DEFAULT_POLICY.rounds(10) == [3, 6, 10] and DEFAULT_POLICY.rounds(6) == [2, 4, 6]
+    assert DEFAULT_POLICY.rounds(1) == [1] and HalvingPolicy().rounds(6) == [1, 2, 4, 6]  # the first policy
+    ranks = np.array([40.0, 45.0, np.nan, 44.5, 30.0, 46.0, -np.inf, 41.0, 39.0, 38.0, 37.0, 36.0])
+    # a quarter goes on (12 // 4 = 3), best first; NaN and -inf (non-finite runs) rank last
+    assert DEFAULT_POLICY.going_on(ranks).tolist() == [5, 1, 3]
+    assert DEFAULT_POLICY.going_on([1.0, 3.0, 2.0]).tolist() == [1, 2]  # never fewer than min_keep = 2
+    assert DEFAULT_POLICY.going_on([5.0, 5.0, 5.0, 1.0, 1.0]).tolist() == [0, 1]  # ties: the first come first
+    # the margin rule: every candidate within margin_db of the leader too, up to a share max_keep of the round
+    near = HalvingPolicy(eta=4, margin_db=1.0, max_keep=0.5)
+    assert near.going_on([46.0, 45.5, 45.1, 44.9, 30, 30, 30, 30]).tolist() == [0, 1, 2]
+    assert near.going_on([46.0, 45.9, 45.8, 45.7, 45.6, 30, 30, 30]).tolist() == [0, 1, 2, 3]  # capped at 8 * 0.5
+
+
 def test_halving_chooses_as_exhaustive_scoring_for_at_most_half_the_evaluations(tmp_path):
-    # K = 12, the default: six rows choose (rounds of 1, 2, 4, 6 rows), six report
-    halving = _calibrate(tmp_path, 10, {"n_samples": 12}, CalibrationPlan(5))
-    exhaustive = _calibrate(tmp_path, 10, {"n_samples": 12}, CalibrationPlan(5, halving=False))
+    # K = 20, the default: ten rows choose (rounds of 3, 6, 10 rows), ten report
+    from omnicache_export.calibration.halving import DEFAULT_POLICY
+
+    halving = _calibrate(tmp_path, 10, {"n_samples": 20}, CalibrationPlan(5))
+    exhaustive = _calibrate(tmp_path, 10, {"n_samples": 20}, CalibrationPlan(5, halving=False))
     assert (halving.best.schedule.pattern, halving.best.correction.name) == \
         (exhaustive.best.schedule.pattern, exhaustive.best.correction.name)
-    assert halving.best.psnr_db == pytest.approx(exhaustive.best.psnr_db, abs=1e-9)
+    # the winner's score is the one exhaustive scoring gives it: the same rows, the same samples
+    assert len(halving.best.rows) == len(exhaustive.best.rows) == 10
+    np.testing.assert_allclose(halving.best.scores, exhaustive.best.scores, rtol=0, atol=1e-6)
     h, e = halving.cost, exhaustive.cost
     assert e.scoring_evaluations == e.exhaustive_evaluations  # every candidate on every choosing row
     assert h.scoring_evaluations <= 0.5 * e.scoring_evaluations, (h.scoring_evaluations, e.scoring_evaluations)
-    # the rounds: every candidate on the first row, the winner on all six choosing rows
-    assert {len(c.rows) for c in halving.candidates} >= {1, 6} and len(halving.best.rows) == 6
-    assert halving.best.final.shape[0] == 6
+    # cost accounting: one evaluation per sample and step, summed over the rows each candidate saw
+    assert h.scoring_evaluations == sum(len(c.rows) * c.schedule.n_steps for c in halving.candidates)
+    assert h.exhaustive_evaluations == 10 * sum(c.schedule.n_steps for c in halving.candidates)
+    assert {len(c.rows) for c in halving.candidates} <= set(DEFAULT_POLICY.rounds(10))
+    assert halving.best.final.shape[0] == 10
+    # the schedules' tournament: a quarter of its candidates went on from each round, at least two
+    first = [c for c in halving.candidates if c.batch == 0]
+    assert sum(len(c.rows) > 3 for c in first) == max(2, len(first) // 4)
+
+
+def test_halving_replay_counts_as_the_scorer(tmp_path):
+    """tools/halving_policies.py replays a policy on an exhaustive run's per-row scores: on the same
+    denoiser it must reach the real halving run's choice and cost, else its policy search is moot."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_calibration import score_matrix
+    from halving_policies import replay
+
+    from omnicache_export.calibration.halving import DEFAULT_POLICY
+
+    halving = _calibrate(tmp_path, 10, {"n_samples": 20}, CalibrationPlan(5))
+    exhaustive = _calibrate(tmp_path, 10, {"n_samples": 20}, CalibrationPlan(5, halving=False))
+    verdict = replay(score_matrix(exhaustive), DEFAULT_POLICY)
+    assert verdict["kept"]
+    assert verdict["cost"] == pytest.approx(halving.cost.scoring_evaluations / exhaustive.cost.scoring_evaluations)
 
 
 def test_validation_rows_played_no_part_in_the_choice(tmp_path):
@@ -191,6 +236,22 @@ def test_validation_rows_played_no_part_in_the_choice(tmp_path):
     assert seeds.split.choose == seeds.split.validate == (0, 1) and seeds.split.validation_seed != seeds.split.seed
     one = _calibrate(tmp_path, 9, {"n_samples": 1}, CalibrationPlan(4, correction="gamma1"))
     assert one.split.mode == "seeds"  # one row: nothing to hold out, fresh seeds instead
+
+
+def test_validation_averages_the_held_out_rows_over_seeds(tmp_path):
+    from omnicache_export.calibration.validation import VALIDATION_SEED_OFFSET
+
+    one = _calibrate(tmp_path, 9, {"n_samples": 4, "validation_seeds": 1}, CalibrationPlan(4, correction="gamma1"))
+    three = _calibrate(tmp_path, 9, {"n_samples": 4, "validation_seeds": 3}, CalibrationPlan(4, correction="gamma1"))
+    v = three.validation
+    assert v.seeds == (0, VALIDATION_SEED_OFFSET, 2 * VALIDATION_SEED_OFFSET) and v.rows == (2, 3)
+    assert v.scores.shape == (3, 2) and v.n_samples == 6
+    # the mean of per-sample PSNR over every (seed, row); the calibration seed's part is the one-seed figure
+    assert v.psnr_db == pytest.approx(v.scores.mean()) and v.psnr_min_db == pytest.approx(v.scores.min())
+    assert one.validation.psnr_db == pytest.approx(v.scores[0].mean(), abs=1e-9)
+    assert three.best.correction.name == one.best.correction.name  # validation plays no part in the choice
+    # the cost: no-cache and chosen candidate, per validation sample and step
+    assert three.cost.other_evaluations - one.cost.other_evaluations == 2 * 2 * 2 * 9
 
 
 def test_auto_run_limits_reach_past_two_thirds(tmp_path):

@@ -169,9 +169,9 @@ def test_export_summary_prints_the_held_out_figure(zoo_export, tmp_path, capsys)
     text = capsys.readouterr().out
     m = read_manifest(out)
     q = m.calibration.quality
-    assert q.validation == "split" and q.validation_samples == 2 and q.validation_psnr_db is not None
+    assert q.validation == "split" and q.validation_samples == 2 * 3 and q.validation_psnr_db is not None  # 2 rows, 3 seeds
     line = next(x for x in text.splitlines() if x.startswith("quality vs no cache"))
-    assert f"{q.validation_psnr_db:.2f} dB PSNR on 2 held-out calibration samples" in line
+    assert f"{q.validation_psnr_db:.2f} dB PSNR on 6 held-out calibration samples" in line
     assert f"({q.psnr_db_mean:.2f} dB on the samples that chose it)" in line
     cost = m.calibration.cost
     assert re.search(rf"scoring: {cost.scoring_evaluations} model evaluations \(successive halving; "
@@ -184,3 +184,10 @@ def test_export_summary_prints_the_held_out_figure(zoo_export, tmp_path, capsys)
 def test_max_consecutive_must_be_auto_or_positive(zoo_export, tmp_path, capsys, value):
     assert main([str(zoo_export("dit", "torchscript")), "-o", str(tmp_path / "x"), "--max-consecutive", value]) == 2
     assert "--max-consecutive" in capsys.readouterr().err
+
+
+def test_validation_seeds_must_be_positive(zoo_export, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main([str(zoo_export("dit", "torchscript")), "-o", str(out), "--validation-seeds", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--validation-seeds 0: must be at least 1" in err[0] and not out.exists()

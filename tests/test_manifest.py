@@ -332,9 +332,10 @@ def test_build_manifest(tmp_path):
     other = SimpleNamespace(schedule=schedule, correction=SimpleNamespace(name="none"), psnr_db=30.0, psnr_min_db=29.0,
                             rmse=0.1, rows=(0,))
     from omnicache_export.calibration.halving import ScoringCost
+    from omnicache_export.calibration.calibrate import ValidationScore
     from omnicache_export.calibration.validation import Validation
 
-    validation = SimpleNamespace(mode=Validation.SPLIT, rows=(2, 3), psnr_db=38.5, psnr_min_db=37.25)
+    validation = ValidationScore(Validation.SPLIT, (2, 3), (0, 7919), 38.5, 37.25)  # two rows at two seeds
     result = SimpleNamespace(timesteps=np.array(base.timesteps), best=best, candidates=[other, best],
                              ratios=np.array(base.correction.ratios), filter_hw=(8, 8), max_consecutive_auto=True,
                              validation=validation, cost=ScoringCost(True, 15, 20, 30, 1.5))
@@ -359,7 +360,7 @@ def test_build_manifest(tmp_path):
     assert back.calibration.quality.psnr_db_mean is None and [c.chosen for c in back.calibration.candidates] == [False, True]
     assert set(back.artifacts) == set(FILES) and back.schedule.pattern == "FFCFF"
     q = back.calibration.quality
-    assert (q.validation_psnr_db, q.validation_psnr_min_db, q.validation, q.validation_samples) == (38.5, 37.25, "split", 2)
+    assert (q.validation_psnr_db, q.validation_psnr_min_db, q.validation, q.validation_samples) == (38.5, 37.25, "split", 4)
     assert [c.n_samples for c in back.calibration.candidates] == [1, 2]
     assert back.calibration.cost == mf.CalibrationCost(True, 15, 20, 30, 1.5)
     assert back.schedule.max_consecutive_auto and back.schedule.max_run == 1

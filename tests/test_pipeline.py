@@ -59,9 +59,9 @@ def test_export_writes_consistent_artifacts(dit_export):
     chosen = [c for c in candidates if c["chosen"]]
     complete = [c for c in candidates if c["n_samples"] == chosen[0]["n_samples"]]  # halving stops losers early
     assert len(chosen) == 1 and chosen[0]["psnr_db"] == max(c["psnr_db"] for c in complete)
-    # K = 3: one sample chooses, two report (split); one row leaves no room for halving rounds
+    # K = 3: one sample chooses, two report (split), each at 3 seeds; one row leaves no room for halving rounds
     q = m.calibration.quality
-    assert chosen[0]["n_samples"] == 1 and q.validation == "split" and q.validation_samples == 2
+    assert chosen[0]["n_samples"] == 1 and q.validation == "split" and q.validation_samples == 2 * 3
     assert m.calibration.cost.scoring_evaluations == m.calibration.cost.exhaustive_evaluations > 0
     assert chosen[0]["pattern"] == m.schedule.pattern
 

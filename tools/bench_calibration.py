@@ -1,18 +1,19 @@
 """Does the quality calibration reports hold on new conditions, and what does choosing cost?
 
     python tools/bench_calibration.py [--models dit-digits,pixart-digits,latte-digits] [--steps 20]
-                                      [--ratios 0.5,0.7] [--configs 4:split,8:split,8:seeds,8:split:exhaustive]
+                                      [--ratios 0.5,0.7] [--configs 20:split,20:split:exhaustive,12:split:s1]
                                       [--eval-per-class 4] [--out docs/benchmarks.md] [--json FILE]
 
 For each trained reference model (`omnicache_export.zoo.reference`), step count and cache ratio, and
-each calibration config K:VALIDATION[:exhaustive] (K calibration rows, `--validation split|seeds`,
-successive halving unless `exhaustive`), the main job (`pipeline.export`) calibrates on conditions
+each calibration config K:VALIDATION[:exhaustive][:sN] (K calibration rows, `--validation split|seeds`,
+successive halving unless `exhaustive`, N validation seeds), the main job (`pipeline.export`) calibrates on conditions
 of classes 0–4 only (K rows cycling through them, seed 0). The export is then sampled on the other
 classes, 5–9 (`--eval-per-class` each, seed 1234): conditions and noise outside the calibration set.
 Reported: the figure on the samples that chose (the old report), the held-out figure the manifest
 now records (`calibration.quality.validation_psnr_db`), the PSNR new conditions get (against
 no-cache sampling of the same seed and condition), the gaps, and the scoring cost (model evaluations
-and seconds). With --out the section "Calibration: reported vs new conditions" of the markdown file
+and seconds); exhaustive runs also record every candidate's per-row scores for
+tools/halving_policies.py. With --out the section "Calibration: reported vs new conditions" of the markdown file
 is written (other sections kept). Every number is measured in the run.
 """
 
@@ -39,9 +40,47 @@ NEW_CLASSES = np.arange(5, 10)
 EVAL_SEED = 1234
 
 
-def parse_config(text: str) -> tuple[int, str, bool]:
-    parts = text.split(":")
-    return int(parts[0]), parts[1] if len(parts) > 1 else "split", len(parts) > 2 and parts[2] == "exhaustive"
+def parse_config(text: str) -> tuple[int, str, bool, int | None]:
+    """K[:split|seeds][:exhaustive][:sN]: K rows, the validation mode, exhaustive scoring, N validation
+    seeds (default: the tool's default)."""
+    k, *tokens = text.split(":")
+    validation = next((t for t in tokens if t in ("split", "seeds")), "split")
+    seeds = next((int(t[1:]) for t in tokens if t[:1] == "s" and t[1:].isdigit()), None)
+    return int(k), validation, "exhaustive" in tokens, seeds
+
+
+def observed_calibration(export_fn, *args, **kwargs):
+    """Runs the main job and returns its CalibrationResult too: the job's own `calibrate`, observed
+    (the result's per-row scores are not in the manifest)."""
+    import omnicache_export.pipeline.job as job
+
+    real, seen = job.calibrate, {}
+
+    def calibrate(*a, **kw):
+        seen["result"] = real(*a, **kw)
+        return seen["result"]
+
+    job.calibrate = calibrate
+    try:
+        export_fn(*args, **kwargs)
+    finally:
+        job.calibrate = real
+    return seen["result"]
+
+
+def score_matrix(result) -> list[dict]:
+    """Every candidate's per-row PSNR on the choosing rows it was scored on, with its tournament:
+    what tools/halving_policies.py replays scoring policies on."""
+    schedules: list = []
+    out = []
+    for c in result.candidates:
+        if not any(c.schedule is s for s in schedules):
+            schedules.append(c.schedule)
+        out.append({"batch": c.batch, "schedule": next(i for i, s in enumerate(schedules) if c.schedule is s),
+                    "pattern": c.schedule.pattern, "correction": c.correction.name, "none": c.correction.is_none,
+                    "trend": bool(c.correction.has_trend), "blend": float(c.correction.blend),
+                    "scores": [float(v) for v in c.scores]})
+    return out
 
 
 def run_case(ref, onnx: Path, wd: Path, steps: int, ratio: float, config: tuple[int, str, bool], eval_per_class: int,
@@ -52,15 +91,17 @@ def run_case(ref, onnx: Path, wd: Path, steps: int, ratio: float, config: tuple[
     from omnicache_export.runtime.manifest import read_manifest
     from omnicache_export.zoo.reference import scheduler_json, write_calib_npz
 
-    k, validation, exhaustive = config
+    k, validation, exhaustive, seeds = config
     labels = np.resize(CALIB_CLASSES, k)
     calib = write_calib_npz(ref.name, labels, wd / f"calib-{k}.npz")
     sched_json = scheduler_json(ref.name, wd / "scheduler.json")
-    out = wd / f"n{steps}-r{ratio:g}-k{k}-{validation}{'-exhaustive' if exhaustive else ''}"
+    out = wd / f"n{steps}-r{ratio:g}-k{k}-{validation}{'-exhaustive' if exhaustive else ''}-s{seeds or 0}"
     t0 = time.perf_counter()
-    export(onnx, out, ExportOptions(scheduler=str(sched_json), steps=steps, calib=calib, num_calib=k, seed=0,
-                                    guidance_scale=ref.guidance_scale, cache_ratio=ratio, validation=validation,
-                                    halving=not exhaustive, progress=False, force=True))
+    result = observed_calibration(
+        export, onnx, out, ExportOptions(scheduler=str(sched_json), steps=steps, calib=calib, num_calib=k, seed=0,
+                                         guidance_scale=ref.guidance_scale, cache_ratio=ratio, validation=validation,
+                                         **({} if seeds is None else {"validation_seeds": seeds}),
+                                         halving=not exhaustive, progress=False, force=True))
     seconds = time.perf_counter() - t0
     m = read_manifest(out)
     new_labels = np.repeat(NEW_CLASSES, eval_per_class)
@@ -71,7 +112,8 @@ def run_case(ref, onnx: Path, wd: Path, steps: int, ratio: float, config: tuple[
 
         baseline[key] = no_cache_onnx(out, cond, uncond, len(new_labels))[0]
     final, _ = run_omnicache(out, cond, uncond, len(new_labels))
-    new = float(np.mean(psnr(final, baseline[key])))
+    new_scores = psnr(final, baseline[key])
+    new = float(np.mean(new_scores))
     q, c = m.calibration.quality, m.calibration.cost
     return {"model": ref.name, "steps": steps, "ratio": ratio, "k": k, "validation": q.validation,
             "halving": c.halving, "n_cached": m.schedule.n_cached, "max_run": m.schedule.max_run,
@@ -80,6 +122,9 @@ def run_case(ref, onnx: Path, wd: Path, steps: int, ratio: float, config: tuple[
             "new_db": new, "n_new": len(new_labels), "scoring_evaluations": c.scoring_evaluations,
             "exhaustive_evaluations": c.exhaustive_evaluations, "other_evaluations": c.other_evaluations,
             "scoring_seconds": c.scoring_seconds, "export_seconds": seconds, "folder": out.name,
+            "calibration_seconds": result.seconds, "validation_seeds": len(result.validation.seeds),
+            "validation_scores": result.validation.scores.tolist(), "new_scores": new_scores.tolist(),
+            "matrix": score_matrix(result),
             **position_scores(m.calibration.candidates)}
 
 
@@ -106,50 +151,71 @@ def render(rows: list[dict], meta: dict) -> str:
            f"classes 5–9, {rows[0]['n_new'] // 5 if rows else 0} samples each, seed {EVAL_SEED}, against no-cache "
            "sampling of the same seed and condition. \"chose\": the chosen candidate's PSNR on the samples that "
            "chose it (what the manifest reported before); \"reported\": `calibration.quality.validation_psnr_db`, "
-           "on samples that played no part in the choice (split: the last half of the K rows; seeds: the K "
-           "conditions at a fresh seed). Gap = figure − new conditions (positive: optimistic). Evaluations: "
-           "model evaluations (sample-steps) spent scoring candidates; exhaustive: every candidate on every "
-           "choosing sample.", "",
-           "| model | N | r | K | validation | scoring | cached (longest run) | chose dB | reported dB | new conditions dB "
-           "| gap chose | gap reported | evaluations (exhaustive) | scoring s | chosen |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "on samples that played no part in the choice (split: the last half of the K rows, at the calibration "
+           "seed and fresh ones; seeds: the K conditions at fresh seeds), the mean of per-sample PSNR like the new "
+           "conditions' figure; \"1 seed\": the same rows at the calibration seed only (the figure before "
+           "validation seeds). Gap = figure − new conditions (positive: optimistic). Evaluations: model "
+           "evaluations (sample-steps) spent scoring candidates; exhaustive: every candidate on every choosing "
+           "sample; calibration s: the whole calibration (reference run, candidates, refinements, validation).", "",
+           "| model | N | r | K | validation (samples) | scoring | cached (longest run) | chose dB | reported dB | 1 seed dB "
+           "| new conditions dB | gap chose | gap reported | gap 1 seed | evaluations (exhaustive) | calibration s | chosen |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gap_c = None if r["chose_db"] is None else r["chose_db"] - r["new_db"]
         gap_v = None if r["validation_db"] is None else r["validation_db"] - r["new_db"]
+        one = one_seed(r)
+        gap_1 = None if one is None else one - r["new_db"]
         out.append(f"| {r['model']} | {r['steps']} | {r['ratio']:g} | {r['k']} | {r['validation']} ({r['validation_samples']}) "
                    f"| {'halving' if r['halving'] else 'exhaustive'} | {r['n_cached']}/{r['steps']} ({r['max_run']}) "
-                   f"| {_f(r['chose_db'])} | {_f(r['validation_db'])} | {_f(r['new_db'])} | {_f(gap_c, '+.2f')} "
-                   f"| {_f(gap_v, '+.2f')} | {r['scoring_evaluations']} ({r['exhaustive_evaluations']}) "
-                   f"| {r['scoring_seconds']:.1f} | `{r['pattern']}` {r['correction']} |")
+                   f"| {_f(r['chose_db'])} | {_f(r['validation_db'])} | {_f(one)} | {_f(r['new_db'])} | {_f(gap_c, '+.2f')} "
+                   f"| {_f(gap_v, '+.2f')} | {_f(gap_1, '+.2f')} | {r['scoring_evaluations']} ({r['exhaustive_evaluations']}) "
+                   f"| {_f(r.get('calibration_seconds'), '.1f')} | `{r['pattern']}` {r['correction']} |")
     out += ["", summary(rows), "", positions(rows)]
     return "\n".join(out)
+
+
+def one_seed(r: dict) -> float | None:
+    """The validation rows' figure at the first validation seed alone (None: not recorded)."""
+    v = r.get("validation_scores")
+    return float(np.mean(v[0])) if v else None
 
 
 def summary(rows: list[dict]) -> str:
     """Per config, over the model cases: mean |gap| of each figure; and halving against exhaustive
     where both ran on the same case."""
     lines = []
-    configs = sorted({(r["k"], r["validation"], r["halving"]) for r in rows})
+    config = lambda r: (r["k"], r["validation"], r["halving"], r.get("validation_seeds", 1))  # noqa: E731
     gaps = {}
-    for k, v, h in configs:
-        at = [r for r in rows if (r["k"], r["validation"], r["halving"]) == (k, v, h) and r["validation_db"] is not None]
+    for k, v, h, n_seeds in sorted({config(r) for r in rows}):
+        at = [r for r in rows if config(r) == (k, v, h, n_seeds) and r["validation_db"] is not None]
         if not at:
             continue
         gv = [abs(r["validation_db"] - r["new_db"]) for r in at]
         gc = [abs(r["chose_db"] - r["new_db"]) for r in at]
-        gaps[(k, v, h)] = (float(np.mean(gv)), float(np.max(gv)), len(at))
-        lines.append(f"- K = {k}, {v}, {'halving' if h else 'exhaustive'}: mean |gap| reported {np.mean(gv):.2f} dB "
+        g1 = [abs(one_seed(r) - r["new_db"]) for r in at if one_seed(r) is not None]
+        gaps[(k, v, h, n_seeds)] = (float(np.mean(gv)), float(np.max(gv)), len(at))
+        samples = sorted({r["validation_samples"] for r in at})
+        lines.append(f"- K = {k}, {v} at {n_seeds} seed{'s' if n_seeds > 1 else ''} ({'/'.join(map(str, samples))} "
+                     f"samples), {'halving' if h else 'exhaustive'}: "
+                     f"mean |gap| reported {np.mean(gv):.2f} dB "
                      f"(max {np.max(gv):.2f}, within 1.5 dB in {sum(g <= 1.5 for g in gv)} of {len(at)} cases), "
-                     f"chose {np.mean(gc):.2f} dB (max {np.max(gc):.2f}).")
+                     + (f"at 1 seed {np.mean(g1):.2f} dB (max {np.max(g1):.2f}, within 1.5 dB in "
+                        f"{sum(g <= 1.5 for g in g1)}), " if g1 else "")
+                     + f"chose {np.mean(gc):.2f} dB (max {np.max(gc):.2f}); calibration "
+                     + (f"{np.mean([r['calibration_seconds'] for r in at]):.1f} s and " if all('calibration_seconds' in r for r in at) else "")
+                     + f"{np.mean([r['scoring_evaluations'] + r['other_evaluations'] for r in at]):.0f} model evaluations "
+                       "on average.")
     halving = {c: g for c, g in gaps.items() if c[2]}
     if halving:
-        (k, v, _), (mean, worst, n) = min(halving.items(), key=lambda kv: (kv[1][0], kv[1][1]))
-        lines.append(f"- Lowest mean |gap| with halving: K = {k}, {v} ({mean:.2f} dB, worst {worst:.2f} dB over {n} cases).")
+        (k, v, _, n_seeds), (mean, worst, n) = min(halving.items(), key=lambda kv: (kv[1][1], kv[1][0]))
+        lines.append(f"- Smallest worst |gap| with halving: K = {k}, {v} at {n_seeds} seeds ({mean:.2f} dB mean, "
+                     f"worst {worst:.2f} dB over {n} cases).")
+    pairs = []
     for r in rows:
         if r["halving"]:
             continue
         twin = next((x for x in rows if x["halving"] and all(x[f] == r[f] for f in ("model", "steps", "ratio", "k"))
-                     and x["validation"] == r["validation"]), None)
+                     and x["validation"] == r["validation"] and config(x) == config(r)[:2] + (True, config(r)[3])), None)
         if twin:
             same = (twin["pattern"], twin["correction"]) == (r["pattern"], r["correction"])
             lines.append(f"- halving vs exhaustive, {r['model']} N={r['steps']} r={r['ratio']:g} K={r['k']}: "
@@ -157,7 +223,49 @@ def summary(rows: list[dict]) -> str:
                          f"{twin['new_db']:.2f} vs {r['new_db']:.2f} dB, {twin['scoring_evaluations']} vs "
                          f"{r['scoring_evaluations']} evaluations ({twin['scoring_evaluations'] / r['scoring_evaluations']:.2f}), "
                          f"{twin['scoring_seconds']:.1f} vs {r['scoring_seconds']:.1f} s.")
+            pairs.append((same, twin["new_db"] >= r["new_db"], twin["scoring_evaluations"] / r["scoring_evaluations"]))
+    if pairs:  # the issue's target: the same or a better choice (better: a higher PSNR on new conditions)
+        lines.append(f"- Halving against exhaustive scoring over {len(pairs)} cases: the same choice in "
+                     f"{sum(p[0] for p in pairs)}, the same or higher PSNR on new conditions in {sum(p[0] or p[1] for p in pairs)}, "
+                     f"at {min(p[2] for p in pairs):.2f}–{max(p[2] for p in pairs):.2f} of the evaluations.")
+    lines += replayed(rows) + by_seeds(rows)
     return "\n".join(lines)
+
+
+def by_seeds(rows: list[dict]) -> list[str]:
+    """Where runs recorded the validation rows at several seeds: the gap to new conditions of the
+    figure from the first s seeds, per K, over the cases (what K and --validation-seeds were chosen by)."""
+    lines = []
+    multi = [r for r in rows if not r["halving"] and len(r.get("validation_scores") or []) > 1]
+    for k, n_seeds in sorted({(r["k"], len(r["validation_scores"])) for r in multi}):
+        at = [r for r in multi if (r["k"], len(r["validation_scores"])) == (k, n_seeds)]
+        cells = []
+        for s in range(1, min(len(r["validation_scores"]) for r in at) + 1):
+            g = [abs(float(np.mean(r["validation_scores"][:s])) - r["new_db"]) for r in at]
+            cells.append(f"{s} seed{'s' if s > 1 else ''} ({s * len(at[0]['validation_scores'][0])} samples): "
+                         f"max {max(g):.2f}, mean {np.mean(g):.2f}, within 1.5 dB in {sum(x <= 1.5 for x in g)}")
+        lines.append(f"- |gap| reported by validation seeds, K = {k}, exhaustive ({len(at)} cases; dB): " + "; ".join(cells) + ".")
+    return lines
+
+
+def replayed(rows: list[dict]) -> list[str]:
+    """The default halving policy and the first one, replayed (tools/halving_policies.py) on the
+    exhaustive runs' per-row score matrices: kept choices and cost, per K."""
+    from halving_policies import replay
+
+    from omnicache_export.calibration.halving import DEFAULT_POLICY, HalvingPolicy
+
+    lines = []
+    exhaustive = [r for r in rows if not r["halving"] and r.get("matrix")]
+    for k, n_seeds in sorted({(r["k"], r.get("validation_seeds", 1)) for r in exhaustive}):
+        at = [r for r in exhaustive if (r["k"], r.get("validation_seeds", 1)) == (k, n_seeds)]
+        for name, policy in (("default", DEFAULT_POLICY), ("first (one row first, half going on)", HalvingPolicy())):
+            res = [replay(r["matrix"], policy) for r in at]
+            lines.append(f"- Replayed on the K = {k} exhaustive score matrices ({len(at)} cases, the runs at {n_seeds} "
+                         f"validation seeds), the {name} halving policy "
+                         f"keeps the exhaustive choice in {sum(x['kept'] for x in res)}, at "
+                         f"{min(x['cost'] for x in res):.2f}–{max(x['cost'] for x in res):.2f} of the evaluations.")
+    return lines
 
 
 def positions(rows: list[dict]) -> str:
@@ -185,19 +293,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="dit-digits,pixart-digits,latte-digits")
     p.add_argument("--steps", default="20")
     p.add_argument("--ratios", default="0.5")
-    p.add_argument("--configs", default="4:split,8:split,8:seeds,8:split:exhaustive")
+    p.add_argument("--configs", default="20:split,20:split:exhaustive")
     p.add_argument("--eval-per-class", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None, help="write the rows here; with --merge, add to its rows")
     p.add_argument("--merge", action="store_true", help="render --out from the --json file's rows plus this run's")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--render", action="store_true", help="only render --out from the --json file")
+    p.add_argument("--also", type=Path, nargs="*", default=[], help="with --render: more JSON files whose rows join")
     a = p.parse_args(argv)
     if a.render:
         from bench_quality import write_section
 
         saved = json.loads(a.json.read_text())
-        write_section(a.out, render(saved["rows"], saved["meta"]), SECTION)
+        rows, meta = saved["rows"], dict(saved["meta"])
+        for extra in a.also:  # other runs' rows and commands, rendered beside these
+            more = json.loads(extra.read_text())
+            rows = rows + more["rows"]
+            meta["command"] += "; " + more["meta"]["command"]
+            meta["seconds"] += more["meta"]["seconds"]
+        if a.also:
+            meta["command"] += "; python tools/bench_calibration.py " + " ".join(
+                shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+        write_section(a.out, render(rows, meta), SECTION)
         return 0
     from bench_quality import set_threads, write_section
 
@@ -234,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                     for config in (parse_config(c) for c in a.configs.split(",")):
                         row = run_case(ref, onnx, wd, steps, ratio, config, a.eval_per_class, baseline)
                         rows.append(row)
-                        print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}),
+                        print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
+                                          if not isinstance(v, list)}),
                               flush=True)
                         if a.json:  # after every case: a run cut short keeps what it measured
                             a.json.write_text(json.dumps({"meta": meta(), "rows": earlier + rows}, indent=1))

@@ -38,8 +38,15 @@ from omnicache_export.calibration.correction import (
     run_position_scale,
 )
 from omnicache_export.calibration.filters import candidate_grid
-from omnicache_export.calibration.halving import ScoringCost, halving_rounds, survivors
-from omnicache_export.calibration.validation import DEFAULT_SHARE, DEFAULT_VALIDATION, RowSplit, Validation, split_rows
+from omnicache_export.calibration.halving import DEFAULT_POLICY, HalvingPolicy, ScoringCost
+from omnicache_export.calibration.validation import (
+    DEFAULT_SEEDS,
+    DEFAULT_SHARE,
+    DEFAULT_VALIDATION,
+    RowSplit,
+    Validation,
+    split_rows,
+)
 from omnicache_export.calibration.schedule_corrected import PairCost, corrected_errors
 from omnicache_export.calibration.sensitivity import frozen_output_gains, step_weights
 from omnicache_export.calibration.trajectory import CurvatureStats, trajectory_curvature
@@ -97,10 +104,11 @@ class CalibrationSet:
     record_budget: int = RECORD_BUDGET_BYTES
     validation: Validation = DEFAULT_VALIDATION
     validation_share: float = DEFAULT_SHARE
+    validation_seeds: int = DEFAULT_SEEDS
 
     @property
     def split(self) -> RowSplit:
-        return split_rows(self.n_samples, self.seed, self.validation, self.validation_share)
+        return split_rows(self.n_samples, self.seed, self.validation, self.validation_share, self.validation_seeds)
 
     def sample(self, dispatch: StepDispatch, full: np.ndarray, tables: CorrectionTables | None = None,
                rows=None, seed: int | None = None, **kwargs):
@@ -135,6 +143,7 @@ class Candidate:
     scores: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # PSNR per row scored
     sq_err: float = 0.0  # summed squared error over the rows scored
     size: int = 0  # elements per row
+    batch: int = -1  # which of the scorer's tournaments it was scored in
 
     @property
     def rank(self) -> float:
@@ -158,13 +167,19 @@ class Candidate:
 
 @dataclasses.dataclass
 class ValidationScore:
-    """The chosen candidate on the validation rows (`validation`): PSNR mean and min (dB)."""
+    """The chosen candidate on the validation rows at each validation seed (`validation`): PSNR
+    mean and min (dB) over those samples, and each sample's [seed, row]."""
 
     mode: Validation
     rows: tuple[int, ...]
-    seed: int
+    seeds: tuple[int, ...]
     psnr_db: float
     psnr_min_db: float
+    scores: np.ndarray | None = None
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.rows) * len(self.seeds)
 
 
 @dataclasses.dataclass
@@ -304,13 +319,15 @@ class Scorer:
     model evaluations."""
 
     def __init__(self, graphs: CalibrationGraphs, data: CalibrationSet, reference: np.ndarray, timesteps: np.ndarray,
-                 hw: tuple[int, int] | None, halving: bool = True):
+                 hw: tuple[int, int] | None, halving: bool = True, policy: HalvingPolicy = DEFAULT_POLICY):
         self.graphs, self.data, self.timesteps, self.hw = graphs, data, timesteps, hw
         self.rows = data.split.choose
         self.reference = reference[list(self.rows)]  # reference: every calibration row, in row order
         self.candidates: list[Candidate] = []
+        self.batches = 0  # tournaments run
         self.cost = ScoringCost(halving=halving)
-        self.rounds = halving_rounds(len(self.rows)) if halving else [len(self.rows)]
+        self.policy = policy
+        self.rounds = policy.rounds(len(self.rows)) if halving else [len(self.rows)]
 
     @property
     def complete(self) -> list[Candidate]:
@@ -343,8 +360,9 @@ class Scorer:
     def tournament(self, runs: list[tuple[sched.Schedule, Correction]], progress: bool = False,
                    desc: str = "calibration") -> list[Candidate]:
         """Score a batch of candidates by successive halving: every one on the first round's rows,
-        the better half on twice as many, …, the last survivors on every choosing row."""
-        batch = [Candidate(s, corr) for s, corr in runs]
+        the ones `policy` keeps on twice as many, …, the last survivors on every choosing row."""
+        batch = [Candidate(s, corr, batch=self.batches) for s, corr in runs]
+        self.batches += 1
         self.candidates += batch
         for c in batch:
             self.cost.candidate(len(self.rows), c.schedule.n_steps)
@@ -354,13 +372,14 @@ class Scorer:
             for c in alive:
                 self._extend(c, size)
                 bar.update(1 if size == self.rounds[0] else 0)
-            if size == len(self.rows) or len(alive) <= 2:
+            if size == len(self.rows) or len(alive) <= self.policy.min_keep:
                 break
-            ranked = sorted(alive, key=lambda c: c.rank, reverse=True)  # stable: the first of equals first
-            for c in ranked[survivors(len(alive)):]:
-                c.final = None
-            alive = ranked[:survivors(len(alive))]
-        for c in alive:  # the last two skip to every row
+            going = set(self.policy.going_on([c.rank for c in alive]).tolist())
+            for i, c in enumerate(alive):
+                if i not in going:
+                    c.final = None
+            alive = [c for i, c in enumerate(alive) if i in going]
+        for c in alive:  # the last survivors skip to every row
             self._extend(c, len(self.rows))
         bar.close()
         self._keep_best_final()
@@ -454,14 +473,18 @@ def validate(graphs: CalibrationGraphs, data: CalibrationSet, best: Candidate, t
     """The chosen candidate against sampling without cache on the validation rows, which played no
     part in the choice (`validation`)."""
     split, n = data.split, len(timesteps)
-    reference = data.sample(graphs.plain, np.ones(n, bool), rows=split.validate, seed=split.validation_seed,
-                            no_cache=True, check_finite=True).final
     tables = CorrectionTables.build(best.correction, best.schedule.full, timesteps, hw)
-    final = data.sample(graphs.dispatch_for(tables), best.schedule.full, tables, rows=split.validate,
-                        seed=split.validation_seed).final
-    cost.other(2 * len(split.validate), n)
-    scores = psnr(final, reference)
-    return ValidationScore(split.mode, split.validate, split.validation_seed, float(scores.mean()), float(scores.min()))
+    scores = []
+    for seed in split.validation_seeds:
+        reference = data.sample(graphs.plain, np.ones(n, bool), rows=split.validate, seed=seed,
+                                no_cache=True, check_finite=True).final
+        final = data.sample(graphs.dispatch_for(tables), best.schedule.full, tables, rows=split.validate,
+                            seed=seed).final
+        cost.other(2 * len(split.validate), n)
+        scores.append(psnr(final, reference))
+    scores = np.stack(scores)
+    return ValidationScore(split.mode, split.validate, split.validation_seeds, float(scores.mean()), float(scores.min()),
+                           scores)
 
 
 # ------------------------------------------------------------------ the calibration

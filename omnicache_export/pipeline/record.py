@@ -153,7 +153,7 @@ def quality(result: CalibrationResult) -> mf.Quality:
     best, v = result.best, result.validation
     if v is None:
         return mf.Quality(best.psnr_db, best.psnr_min_db, best.rmse)
-    return mf.Quality(best.psnr_db, best.psnr_min_db, best.rmse, v.psnr_db, v.psnr_min_db, v.mode.value, len(v.rows))
+    return mf.Quality(best.psnr_db, best.psnr_min_db, best.rmse, v.psnr_db, v.psnr_min_db, v.mode.value, v.n_samples)
 
 
 def cost(result: CalibrationResult) -> mf.CalibrationCost | None:
