@@ -12,9 +12,27 @@ import torch
 
 torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
 
+
+def _register_packages(dirs: dict) -> None:
+    """Make omnicache_export and its subpackages importable from the folders the caller's interpreter
+    resolved them in (the project is not installed in this environment)."""
+    import importlib.util
+
+    for name, locations in dirs.items():  # parents first: the caller lists them in that order
+        spec = importlib.util.spec_from_file_location(name, Path(locations[0]) / "__init__.py",
+                                                      submodule_search_locations=locations)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+        spec.loader.exec_module(module)
+
+
 job_dir = Path(sys.argv[1])
 job = json.loads((job_dir / "job.json").read_text())
 sys.path.insert(0, job["repo"])
+_register_packages(job.get("package_dirs", {}))
 from omnicache_export.runtime.sampler import SamplingSpec, sample  # noqa: E402  (numpy, torch, diffusers only)
 
 import cache_dit  # noqa: E402

@@ -70,6 +70,7 @@ def run_many(case: TorchCase, runs: list[tuple[bool, int]], extra_kwargs: dict |
             "class": base.__name__, "config": dict(case.model.config), "input_names": case.input_names,
             "extra_kwargs": extra_kwargs or {}, "spec": case.spec.to_json(), "n": case.n, "seed": case.seed,
             "runs": [{"taylorseer": ts, "target_full": t} for ts, t in runs], "repo": str(REPO),
+            "package_dirs": package_dirs(),
         }
         (tmp / "job.json").write_text(json.dumps(job, default=_json_default))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -82,6 +83,21 @@ def run_many(case: TorchCase, runs: list[tuple[bool, int]], extra_kwargs: dict |
         res = json.loads((tmp / "result.json").read_text())
         return [PeerRun(np.load(tmp / f"final{k}.npy"), x["n_full"], x["wall_s"], x["setting"], x.get("note", ""))
                 for k, x in enumerate(res)]
+
+
+def package_dirs() -> dict[str, list[str]]:
+    """Where this interpreter finds omnicache_export and the subpackages the runtime imports. pyproject
+    lays some out from other folders (package-dir: engines/ becomes omnicache_export.engines), which a
+    plain path entry in the worker's environment would not resolve."""
+    import importlib.util
+
+    import omnicache_export
+
+    out = {"omnicache_export": list(omnicache_export.__path__)}
+    for sub in ("engines",):
+        name = f"omnicache_export.{sub}"
+        out[name] = list(importlib.util.find_spec(name).submodule_search_locations)
+    return out
 
 
 def run(case: TorchCase, taylorseer: bool, extra_kwargs: dict | None = None, workdir: Path | None = None) -> PeerRun:
