@@ -9,10 +9,11 @@ FULL_PREV2 = "omnicache_full_prev2"
 # The per-step tables of the cache graph, [N, ...], gathered by STEP. Graph inputs of the parametric
 # graph (calibration feeds each candidate's), initializers once FreezeTablesPass has run (the export).
 TREND = "omnicache_cache_trend"  # [N] float32: ρ, the cache trend (ExtrapolateCachePass)
+TREND2 = "omnicache_cache_trend2"  # [N] float32: σ, on the trend one full step earlier (second order)
 COEFFICIENTS = "omnicache_coefficients"  # [N]: the correction's factor (EmbedCorrectionPass)
 BLEND = "omnicache_blend"  # [N]: λ, how far the base moves to the last full output
 MASKS = "omnicache_filter_masks"  # [N, h, w]: each step's frequency mask, scaled by 1 / (h w)
-TABLES = (TREND, COEFFICIENTS, BLEND, MASKS)
+TABLES = (TREND, TREND2, COEFFICIENTS, BLEND, MASKS)
 
 
 def cache_name(index: int) -> str:
@@ -44,6 +45,11 @@ def uncorrected_name(output: str) -> str:
 def prev_cache_name(name: str) -> str:
     """The cache tensor of the full step before the last one (the cache trend's second point)."""
     return f"{name}_prev"
+
+
+def prev2_cache_name(name: str) -> str:
+    """The cache tensor two full steps before the last one (the second-order and fitted trends' third point)."""
+    return f"{name}_prev2"
 
 
 def widened(dtype):

@@ -20,11 +20,14 @@ from omnicache_export.passes.freeze_tables import FreezeTablesPass
 
 def cache_graph_passes(
     output_name: str, cache_names: list[str], n_steps: int, *, trend: bool, blend: bool,
-    filter_hw: tuple[int, int] | None, expose_uncorrected: bool = False,
+    filter_hw: tuple[int, int] | None, expose_uncorrected: bool = False, trend2: bool = False,
 ) -> ir.passes.Sequential:
     """Uncorrected cache graph -> parametric cache graph: the chosen parts of the correction, their
-    per-step tables as graph inputs (calibration feeds them; `freeze` makes them constants)."""
-    passes: list[ir.passes.PassBase] = [ExtrapolateCachePass(cache_names, n_steps)] if trend else []
+    per-step tables as graph inputs (calibration feeds them; `freeze` makes them constants).
+    `trend2`: the cache trend's second-order term too (needs `trend`)."""
+    if trend2 and not trend:
+        raise ValueError("the second-order cache trend extends the cache trend: trend2 needs trend")
+    passes: list[ir.passes.PassBase] = [ExtrapolateCachePass(cache_names, n_steps, trend2)] if trend else []
     passes.append(EmbedCorrectionPass(output_name, n_steps, blend=blend, filter_hw=filter_hw,
                                       expose_uncorrected=expose_uncorrected))
     return ir.passes.Sequential(*passes)

@@ -14,9 +14,19 @@ temporal layout holds B × k rows, batch-major). TaylorSeer's first-order predic
 stack's output, with the embedding of the current step kept: R is the stack residual h_L − h_0 (or
 h_L for direct reuse). For 16-bit caches the trend is computed in float32 and cast back.
 
+With `second_order`, each cache also gets `<R>_prev2` (the cache two full steps before the last)
+and the float32 table `omnicache_cache_trend2` σ [N], gathered by the same step:
+
+    R̂ = R + ρ[step] * (R − R_prev) + σ[step] * (R_prev − R_prev2)
+
+so any affine combination w0 R + w1 R_prev + w2 R_prev2 (w summing to 1: a quadratic through the
+last three full steps, a line fitted to them) is ρ = w0 − 1, σ = −w2.
+
 Invariant: row by row, where ρ[step_b] == 0 the graph computes exactly what it did before (R + 0 · d);
 otherwise row b of the output equals the old graph's fed R̂ at step_b, whether ρ is fed or frozen by
-FreezeTablesPass; rows at different steps in one call equal each row run alone at its step.
+FreezeTablesPass; rows at different steps in one call equal each row run alone at its step. With
+`second_order`, where σ[step_b] == 0 row b equals the first-order graph's (the σ term adds exact
+zeros to the float32 sum of finite values).
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ import onnx_ir as ir
 from omnicache_export.passes.add_cache_output import value_index
 from omnicache_export.passes.per_row import scale_rows
 from omnicache_export.passes.cache_names import (
-    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, add_step_input, add_table_input, prev_cache_name, widened,
+    BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, TREND2, add_step_input, add_table_input,
+    prev2_cache_name, prev_cache_name, widened,
 )
 
 _FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
@@ -36,14 +47,23 @@ _CORRECTION = (FULL_PREV, FULL_PREV2, COEFFICIENTS, BLEND, MASKS)  # what EmbedC
 
 
 class ExtrapolateCachePass(ir.passes.InPlacePass):
-    def __init__(self, cache_names: list[str], n_steps: int):
-        """cache_names: the cache inputs to carry forward; n_steps: N, the length of the trend table."""
+    def __init__(self, cache_names: list[str], n_steps: int, second_order: bool = False):
+        """cache_names: the cache inputs to carry forward; n_steps: N, the length of the trend tables;
+        second_order: also the σ term on the trend one full step earlier."""
         super().__init__()
         self.cache_names = list(cache_names)
         self.n_steps = operator.index(n_steps)
+        self.second_order = bool(second_order)
 
     def __repr__(self) -> str:
-        return f"ExtrapolateCachePass({self.cache_names}, n_steps={self.n_steps})"
+        return f"ExtrapolateCachePass({self.cache_names}, n_steps={self.n_steps}, second_order={self.second_order})"
+
+    def _added(self) -> list[str]:
+        """The inputs this pass adds."""
+        names = [STEP, TREND, *map(prev_cache_name, self.cache_names)]
+        if self.second_order:
+            names += [TREND2, *map(prev2_cache_name, self.cache_names)]
+        return names
 
     def requires(self, model: ir.Model) -> None:
         fail = ir.passes.PreconditionError
@@ -63,7 +83,7 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
                 f"ExtrapolateCachePass must run before EmbedCorrectionPass (which shares its {STEP!r}): "
                 f"the graph already has the correction's tensors {corrected}"
             )
-        clash = sorted(taken & {STEP, TREND, *map(prev_cache_name, self.cache_names)})
+        clash = sorted(taken & set(self._added()))
         if clash:
             raise fail(f"the graph already has tensors named {clash} (ExtrapolateCachePass runs once)")
 
@@ -80,18 +100,20 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
             return node.outputs[0]
 
         rho = op("Gather", table, step, axis=0)  # [B]: each row's step
+        sigma = None
+        if self.second_order:
+            sigma = op("Gather", add_table_input(graph, TREND2, [self.n_steps], ir.DataType.FLOAT), step, axis=0)
         for name in self.cache_names:
             cache = inputs[name]
             readers = list(cache.uses())  # taken before the new nodes read it too
             prev = ir.Value(name=prev_cache_name(name), shape=cache.shape, type=cache.type)
             graph.inputs.append(prev)
-            wide = widened(cache.dtype)
-            d = op("Sub", cache, prev)
-            r = op("Cast", rho, to=cache.dtype) if cache.dtype == ir.DataType.DOUBLE else rho
-            if wide != cache.dtype:
-                d = op("Cast", d, to=wide)
-            moved = scale_rows(op, d, r, step)
-            if wide != cache.dtype:
+            moved = self._scaled(op, cache, prev, rho, step)
+            if sigma is not None:
+                prev2 = ir.Value(name=prev2_cache_name(name), shape=cache.shape, type=cache.type)
+                graph.inputs.append(prev2)
+                moved = op("Add", moved, self._scaled(op, prev, prev2, sigma, step))
+            if widened(cache.dtype) != cache.dtype:
                 moved = op("Cast", moved, to=cache.dtype)
             hat = op("Add", cache, moved)
             hat.shape, hat.type = cache.shape, cache.type
@@ -104,8 +126,18 @@ class ExtrapolateCachePass(ir.passes.InPlacePass):
             graph.extend(nodes)
         return ir.passes.PassResult(model, modified=True)
 
+    @staticmethod
+    def _scaled(op, newer: ir.Value, older: ir.Value, factor: ir.Value, step: ir.Value) -> ir.Value:
+        """factor[step] * (newer − older) per row, in the widened dtype (float32 for 16-bit caches)."""
+        dtype, wide = newer.dtype, widened(newer.dtype)
+        d = op("Sub", newer, older)
+        r = op("Cast", factor, to=dtype) if dtype == ir.DataType.DOUBLE else factor
+        if wide != dtype:
+            d = op("Cast", d, to=wide)
+        return scale_rows(op, d, r, step)
+
     def ensures(self, model: ir.Model) -> None:
         inputs = {v.name for v in model.graph.inputs}
-        for name in [STEP, TREND, *map(prev_cache_name, self.cache_names)]:
+        for name in self._added():
             if name not in inputs:
                 raise ir.passes.PostconditionError(f"input {name!r} missing")

@@ -236,6 +236,30 @@ def test_manifests_before_the_validation_figure_still_read(export_dir):
     assert m.calibration.cost is None and m.schedule.max_run is None and not m.schedule.max_consecutive_auto
 
 
+def test_second_order_cache_trend_record(export_dir):
+    """The second-order cache trend: `correction.cache_trend2` and the `<cache>_prev2` feed are read and
+    validated; manifests without them (before it, or a first-order export) read with σ absent."""
+    _delete("correction.cache_trend2")(export_dir)
+    assert mf.read_manifest(export_dir).correction.cache_trend2 == ()
+
+    def second_order(data, folder):
+        data["correction"]["cache_trend2"] = [0.0, 0.0, -0.25, 0.0, 0.0]
+        prev = next(x for x in data["graphs"]["cache"]["inputs"] if x["feed"] == "cache_prev")
+        data["graphs"]["cache"]["inputs"].append({**prev, "name": "omnicache_cache_prev2", "feed": "cache_prev2"})
+    _edit(second_order)(export_dir)
+    m = mf.read_manifest(export_dir)
+    assert m.correction.cache_trend2 == (0.0, 0.0, -0.25, 0.0, 0.0)
+    prev2 = m.graphs["cache"].inputs_fed_by(Feed.CACHE_PREV2)
+    assert [(x.name, x.source) for x in prev2] == [("omnicache_cache_prev2", "omnicache_cache")]
+    p = tensorrt_profiles(m, min_batch=1, opt_batch=2, max_batch=4, dims={"sequence": 7})  # from the manifest alone
+    assert p["cache"]["omnicache_cache_prev2"] == ((2, 16, 32), (4, 16, 32), (8, 16, 32))
+    for tamper, message in ((_set("graphs.cache.inputs.-1.source", "nope"), "is not one of model_io.cache_tensors"),
+                            (_set("correction.cache_trend2", [0.0, 1.0]), "correction.cache_trend2: 2 entries")):
+        tamper(export_dir)  # cumulative: the earlier refusal is checked first
+        with pytest.raises(UserError, match=message):
+            mf.read_manifest(export_dir)
+
+
 def test_validation_figure_round_trips(export_dir):
     _set("calibration.quality", {"psnr_db_mean": 41.5, "psnr_db_min": 39.0, "rmse": 0.012, "validation_psnr_db": 38.25,
                                  "validation_psnr_min_db": 36.0, "validation": "split", "validation_samples": 4})(export_dir)
@@ -340,7 +364,7 @@ def test_build_manifest(tmp_path):
                              ratios=np.array(base.correction.ratios), filter_hw=(8, 8), max_consecutive_auto=True,
                              validation=validation, cost=ScoringCost(True, 15, 20, 30, 1.5))
     tables = SimpleNamespace(coefficients=np.array(base.correction.ratios, np.float32), blend=np.zeros(N, np.float32),
-                             trend=np.zeros(N, np.float32))
+                             trend=np.zeros(N, np.float32), sigma=np.zeros(N, np.float32), has_trend2=False)
     stream = SimpleNamespace(entry="h0", exit="hL", shape=["batch", 16, None], dtype="FLOAT")
     region = SimpleNamespace(method="module scopes (dynamo)", streams=[stream], block_lists={"transformer_blocks": 2},
                              n_blocks=2, n_blocks_estimated=False)

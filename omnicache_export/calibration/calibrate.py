@@ -10,7 +10,7 @@ The stages, in order:
    of the final latents against the reference on the same seeds and conditions, in rounds of
    successive halving (`halving`) on the choosing rows;
 4. `refine`: on the best candidate's schedule, the mix, γ line search, per-stage and per-run-position
-   γ, filters;
+   γ, the cache trend through the last three full steps (second order, fitted line), filters;
 5. `validate`: the chosen candidate on samples that played no part in the choice (`validation`):
    the figure the export reports.
 Every candidate's score is kept for the report.
@@ -34,6 +34,7 @@ from omnicache_export.calibration.correction import (
     CorrectionSearch,
     CorrectionTables,
     Predictor,
+    TrendFit,
     extrapolation_ratios,
     run_position_scale,
 )
@@ -61,6 +62,8 @@ SENSITIVITY_EXPONENTS = (0.0, 0.25, 0.5)  # step weights of the correction-aware
 RECORD_BUDGET_BYTES = 2 << 30  # the reference run's per-step records for the correction-aware schedule
 MIXES = (0.0, 0.25, 0.75, 1.0)
 POSITION_DECAYS = (0.8, 0.9, 1.1)  # γ per position p in a run of cached steps: decay^(p − 1)
+# The cache trend through the last three full steps, for runs of cached steps: (fit, σ damping)
+LONG_RUN_FITS = ((TrendFit.QUADRATIC, 1.0), (TrendFit.QUADRATIC, 0.5), (TrendFit.FITTED3, 1.0))
 
 
 @dataclasses.dataclass
@@ -277,13 +280,13 @@ def pair_estimate(corr: Correction, records: list, dispatch: StepDispatch, times
     names = [dispatch.output, *dispatch.cache_names]
 
     def state(j: int, j2: int) -> CacheState:
-        st = CacheState.__new__(CacheState)
-        st.output, st.newest, st.n_full = dispatch.output, 1, 2 if j2 >= 0 else 1
         newer = {dispatch.output: records[j][1], **records[j][2]}
         older = {dispatch.output: records[j2][1], **records[j2][2]} if j2 >= 0 else \
             {k: torch.zeros_like(v) for k, v in newer.items()}
-        st.buffers = {k: [older[k], newer[k]] for k in names}
-        return st
+        depth = {k: 2 if k == dispatch.output else dispatch.cache_depth for k in names}
+        # a third cache buffer (a second-order graph) is fed only after three full steps: never here
+        return CacheState.holding(dispatch.output, {k: [newer[k], *[older[k]] * (depth[k] - 1)] for k in names},
+                                  2 if j2 >= 0 else 1)
 
     def estimate(i: int, j: int, j2: int) -> np.ndarray:
         a = 0.0
@@ -437,8 +440,9 @@ class Scorer:
 def refinements(scorer: Scorer, top: Candidate, plan: CalibrationPlan, n: int, progress: bool) -> list[Correction]:
     """On the top candidate's schedule: for the mixed predictor the mix λ (1: output extrapolation,
     0: the cache trend alone), then a γ line search, per-stage γ, a γ per position in the run of
-    cached steps (where runs are longer than one) and stage-aware filters; for the seed's predictor
-    also the local least-squares γ."""
+    cached steps (where runs are longer than one), the cache trend through the last three full
+    steps (`long_run_trends`) and stage-aware filters; for the seed's predictor also the local
+    least-squares γ."""
     s, hw = top.schedule, scorer.hw
     half = n // 2
     stage = [np.where(np.arange(n) < half, early, late).astype(float) for early, late in ((0.9, 1.1), (1.1, 0.9))]
@@ -455,6 +459,7 @@ def refinements(scorer: Scorer, top: Candidate, plan: CalibrationPlan, n: int, p
                    for g, label in zip(stage, stage_names)]
         refine += [Correction.mixed(best_mix, n, g, name=f"cache trend, mix {best_mix:g}, gamma={d:g}^(run position-1)")
                    for d, g in positions]
+        refine += long_run_trends(s, best_mix, 1.0, scorer.timesteps)
         if filters and best_mix:
             refine += [Correction.mixed(best_mix, n, 1.0, f, f"cache trend, mix {best_mix:g} + filter {f.name}")
                        for f in candidate_grid(n)[1:]]
@@ -466,6 +471,30 @@ def refinements(scorer: Scorer, top: Candidate, plan: CalibrationPlan, n: int, p
     if filters:
         refine += [Correction.gamma(1.0, n, f"gamma=1 + filter {f.name}", f) for f in candidate_grid(n)[1:]]
     return refine
+
+
+def long_run_trends(s: sched.Schedule, mix: float, gamma: float, timesteps: np.ndarray) -> list[Correction]:
+    """The cache trend through the last three full steps (LONG_RUN_FITS) at mix λ and global γ, on a
+    schedule with runs of two or more cached steps where three full steps precede some cached step
+    (elsewhere they are the first-order trend: not worth scoring again)."""
+    if s.max_run < 2:
+        return []
+    n = s.n_steps
+    out = [Correction.mixed(mix, n, gamma, fit=fit, damping=damping) for fit, damping in LONG_RUN_FITS]
+    return [c for c in out if CorrectionTables.build(c, s.full, timesteps, None).has_trend2]
+
+
+def long_run_at_best_gamma(scorer: Scorer, s: sched.Schedule) -> list[Correction]:
+    """Where the best so far is the first-order cache trend at a global γ ≠ 1 on `s`: the three-point
+    fits at that γ too (γ scales their whole trend, as it does the first order's)."""
+    best = scorer.best()
+    corr = best.correction
+    scale = np.unique(np.asarray(corr.cache_trend, float))
+    if (best.schedule is not s or not corr.has_trend or corr.trend_fit is not TrendFit.LAST_TWO or len(scale) != 1
+            or scale[0] == 1.0 or not corr.filter.is_all_pass):
+        return []
+    return [c for c in long_run_trends(s, corr.blend, float(scale[0]), scorer.timesteps)
+            if not scorer.has(s, c.name)]
 
 
 def validate(graphs: CalibrationGraphs, data: CalibrationSet, best: Candidate, timesteps: np.ndarray,
@@ -545,6 +574,9 @@ def calibrate(graphs: CalibrationGraphs, data: CalibrationSet, plan: Calibration
                            if not scorer.has(top.schedule, corr.name)])
         scorer.tournament([(top.schedule, corr) for corr in refinements(scorer, top, plan, n, progress)], progress,
                           "calibration: corrections")
+        again = long_run_at_best_gamma(scorer, top.schedule)
+        if again:
+            scorer.tournament([(top.schedule, corr) for corr in again], progress, "calibration: long-run trends")
     best = scorer.best()
     validation = validate(graphs, data, best, timesteps, filter_hw, scorer.cost)
     limits = plan.run_limits(n)

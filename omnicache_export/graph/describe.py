@@ -19,7 +19,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from omnicache_export.io_spec import IOSpec, Role
-from omnicache_export.passes.cache_names import FULL_PREV, FULL_PREV2, STEP, TABLES, prev_cache_name, uncorrected_name
+from omnicache_export.passes.cache_names import (
+    FULL_PREV, FULL_PREV2, STEP, TABLES, prev2_cache_name, prev_cache_name, uncorrected_name,
+)
 from omnicache_export.runtime.conditioning import batched_inputs
 from omnicache_export.runtime.graph_io import Feed, GraphIO, TensorIO
 
@@ -37,7 +39,9 @@ def describe_graphs(full: ir.Model, cache: ir.Model, io: list[IOSpec], cache_nam
     if output not in shapes:
         raise ValueError(f"the full graph has no output {output!r}")
     like = {FULL_PREV: output, FULL_PREV2: output, uncorrected_name(output): output}
-    like |= {prev_cache_name(c): c for c in cache_names}
+    earlier = {Feed.CACHE_PREV: prev_cache_name, Feed.CACHE_PREV2: prev2_cache_name}  # a cache's earlier values
+    earlier_feed = {name(c): feed for feed, name in earlier.items() for c in cache_names}
+    like |= {name(c): c for name in earlier.values() for c in cache_names}
     # the step index is per row of the model batch (one step per row: rows at different steps share a call)
     batched = batched_inputs([s for s in io if s.role != Role.OUTPUT.value]) | {output, STEP}
     namer = _DimNamer(shapes, like, batched)
@@ -58,8 +62,8 @@ def describe_graphs(full: ir.Model, cache: ir.Model, io: list[IOSpec], cache_nam
             return tensor(v, Feed.MODEL, name)
         if name in cache_names:
             return tensor(v, Feed.CACHE, name)
-        if like.get(name) in cache_names:
-            return tensor(v, Feed.CACHE_PREV, like[name])
+        if name in earlier_feed:
+            return tensor(v, earlier_feed[name], like[name])
         fixed = {STEP: Feed.STEP, FULL_PREV: Feed.FULL_PREV, FULL_PREV2: Feed.FULL_PREV2}
         if name in fixed:
             return tensor(v, fixed[name])

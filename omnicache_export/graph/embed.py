@@ -13,12 +13,13 @@ from omnicache_export.passes.correction_pipeline import cache_graph_passes, free
 
 def build_cache_graph(
     uncorrected: ir.Model, output_name: str, cache_names: list[str], n_steps: int, *, trend: bool, blend: bool,
-    filter_hw: tuple[int, int] | None, expose_uncorrected: bool = False,
+    filter_hw: tuple[int, int] | None, expose_uncorrected: bool = False, trend2: bool = False,
 ) -> ir.Model:
     """The uncorrected cache graph with the correction's chosen parts, its tables as graph inputs
-    (see passes.cache_names.TABLES); with `expose_uncorrected`, õ is an output too."""
+    (see passes.cache_names.TABLES); with `expose_uncorrected`, õ is an output too; with `trend2`,
+    the cache trend's second-order term (inputs `<cache>_prev2`, table σ)."""
     passes = cache_graph_passes(output_name, cache_names, n_steps, trend=trend, blend=blend,
-                                filter_hw=filter_hw, expose_uncorrected=expose_uncorrected)
+                                filter_hw=filter_hw, expose_uncorrected=expose_uncorrected, trend2=trend2)
     model = ir.passes.functionalize(passes)(uncorrected).model
     _name_step_batch(model.graph)
     return model

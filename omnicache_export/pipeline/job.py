@@ -322,7 +322,7 @@ def calibration_graphs(folder: Path, io: list[IOSpec], spec: SamplingSpec, names
 
     def dispatch(cache_file: str, filter_hw) -> StepDispatch:
         model = build_cache_graph(modelio.load_model(folder / UNCORRECTED), spec.output, names, spec.n_steps,
-                                  trend=True, blend=True, filter_hw=filter_hw, expose_uncorrected=True)
+                                  trend=True, blend=True, filter_hw=filter_hw, expose_uncorrected=True, trend2=True)
         _save(model, folder / cache_file)
         del model
         full_io, cache_io = _describe(folder, "full.onnx", cache_file, io, names, spec)
@@ -339,8 +339,8 @@ def _write_cache_graph(folder: Path, analysis: ModelAnalysis, spec: SamplingSpec
     tables frozen into constants, and the schedule and sampling record in its metadata (the runtime
     checks the manifest against them: `runtime.graph_check`). Returns both graphs' GraphIO."""
     model = build_cache_graph(modelio.load_model(folder / UNCORRECTED), spec.output, names, spec.n_steps,
-                              trend=bool(np.any(tables.trend)), blend=bool(np.any(tables.blend)),
-                              filter_hw=hw if tables.has_filter else None)
+                              trend=bool(np.any(tables.trend)) or tables.has_trend2, blend=bool(np.any(tables.blend)),
+                              filter_hw=hw if tables.has_filter else None, trend2=tables.has_trend2)
     wanted = {k: v for k, v in tables.inputs().items() if k in {val.name for val in model.graph.inputs}}
     model = freeze_cache_graph(model, wanted)
     model.metadata_props.update(embedded_metadata(schedule_full, Sampling.from_spec(spec).to_json()))

@@ -128,6 +128,7 @@ def correction(result: CalibrationResult, tables: CorrectionTables, n_steps: int
         filter=filter_params(corr.filter),
         stages=stages(corr.filter, n_steps),
         filter_hw=None if result.filter_hw is None else tuple(int(d) for d in result.filter_hw),
+        cache_trend2=_floats(tables.sigma) if tables.has_trend2 else (),  # absent: the first-order graph
     )
 
 

@@ -62,7 +62,7 @@ def _symbol_table(manifest: Manifest) -> dict[str, _Dim]:
         for t in (*graph.inputs, *graph.outputs):
             if t.feed in like_output or (t.feed is Feed.MODEL and t.source in per_sample):
                 stated = (BATCH, *(_output_shape(manifest) if t.feed in like_output else per_sample[t.source]))
-            elif t.feed in (Feed.CACHE, Feed.CACHE_PREV) and (t.source or t.name) in caches:
+            elif t.feed in (Feed.CACHE, Feed.CACHE_PREV, Feed.CACHE_PREV2) and (t.source or t.name) in caches:
                 stated = caches[t.source or t.name]
             else:
                 continue

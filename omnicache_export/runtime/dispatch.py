@@ -3,8 +3,8 @@
 A full step runs the full graph and writes its output and cache tensors into the cache state's
 free buffers; a cached step runs the cache graph fed from the state: the step index (one per row of
 the model batch: a generation feeds its step to all its rows), the outputs of
-the last two full steps, the caches of the last full step (and of the one before, for the cache
-trend) and, in calibration's graphs only, the correction tables. What feeds each input comes from
+the last two full steps, the caches of the last full step (and of the one or two before, for the
+cache trend) and, in calibration's graphs only, the correction tables. What feeds each input comes from
 the graphs' `GraphIO` (the manifest), never from input names. The runtime, calibration and the speed
 benchmark all run steps through `StepDispatch`.
 """
@@ -28,36 +28,56 @@ def torch_dtype(onnx_name: str) -> torch.dtype:
 
 class CacheState:
     """What a generation carries from its full steps to its cached steps, in buffers allocated once:
-    two for the model output and two for each cache tensor, rotated at each full step (the one
-    that held the oldest value receives the new one). Before two full steps the older output
-    buffer holds zeros (the coefficients there are 0, so any finite value will do) and the caches'
-    older buffers are not fed (`StepDispatch.cache_feeds`)."""
+    two for the model output and `cache_depth` for each cache tensor (2; 3 where the cache graph
+    takes a cache two full steps back, `Feed.CACHE_PREV2`), each a ring the full steps write in
+    turn (the buffer holding the oldest value receives the new one). Before two full steps the
+    older output buffer holds zeros (the coefficients there are 0, so any finite value will do);
+    a cache's buffers not yet written are never fed (`StepDispatch.cache_feeds` feeds the last
+    cache instead: the trend tables are 0 there)."""
 
     def __init__(self, output: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
-                 device: torch.device):
+                 device: torch.device, cache_depth: int = 2):
         self.output = output
         # Only the output pair is read before it is written (prev2 before the second full step);
-        # a cache's older buffer is fed only from the second full step on, so it needs no fill.
+        # a cache's older buffers are fed only once written, so they need no fill.
         self.buffers = {name: [(torch.zeros if name == output else torch.empty)(shapes[name], dtype=dtypes[name],
-                                                                               device=device) for _ in range(2)]
+                                                                               device=device)
+                               for _ in range(2 if name == output else cache_depth)]
                         for name in shapes}
-        self.newest = 1  # index of the buffers the last full step wrote
         self.n_full = 0
+
+    @classmethod
+    def holding(cls, output: str, history: Mapping[str, list[torch.Tensor]], n_full: int) -> CacheState:
+        """A state whose buffers are `history`'s tensors (by name, newest first, one per buffer), as if
+        `n_full` full steps (>= 1) had written them: calibration's pair estimates, from recorded steps."""
+        st = cls.__new__(cls)
+        st.output, st.n_full = output, n_full
+        st.buffers = {}
+        for name, newest_first in history.items():
+            ring: list = [None] * len(newest_first)
+            for k, tensor in enumerate(newest_first):
+                ring[(n_full - 1 - k) % len(ring)] = tensor
+            st.buffers[name] = ring
+        return st
 
     def targets(self) -> dict[str, torch.Tensor]:
         """The buffers the next full step writes (those holding the oldest values)."""
-        return {name: pair[1 - self.newest] for name, pair in self.buffers.items()}
+        return {name: ring[self.n_full % len(ring)] for name, ring in self.buffers.items()}
 
     def advance(self) -> None:
         """The full step wrote `targets()`: they are now the newest."""
-        self.newest = 1 - self.newest
         self.n_full += 1
 
+    def ago(self, name: str, k: int) -> torch.Tensor:
+        """The value `k` full steps before the last one's (0: the last)."""
+        ring = self.buffers[name]
+        return ring[(self.n_full - 1 - k) % len(ring)]
+
     def last(self, name: str) -> torch.Tensor:
-        return self.buffers[name][self.newest]
+        return self.ago(name, 0)
 
     def before_last(self, name: str) -> torch.Tensor:
-        return self.buffers[name][1 - self.newest]
+        return self.ago(name, 1)
 
     @property
     def prev(self) -> torch.Tensor:
@@ -80,6 +100,8 @@ class StepDispatch:
             raise ValueError(f"the full graph needs one model output, the manifest names {len(outputs)}")
         self.output = outputs[0].name
         self.cache_names = [t.name for t in full_io.outputs_of(Feed.CACHE)]
+        # a third buffer per cache only for a cache graph that reads the cache two full steps back
+        self.cache_depth = 3 if cache_io.inputs_fed_by(Feed.CACHE_PREV2) else 2
         self.table_names = [t.source for t in cache_io.inputs_fed_by(Feed.TABLE)]
         self.uncorrected = next((t.name for t in cache_io.outputs_of(Feed.UNCORRECTED)), None)
         # One step per row (int64 [batch]); an export from before per-row steps takes int64 [1].
@@ -97,7 +119,7 @@ class StepDispatch:
         shapes = full_runner.output_shapes({t.name: tuple(model_feeds[t.source].shape) for t in self.full_io.inputs})
         names = [self.output, *self.cache_names]
         dtypes = {t.name: torch_dtype(t.dtype) for t in self.full_io.outputs}
-        return CacheState(self.output, {k: shapes[k] for k in names}, dtypes, self.device)
+        return CacheState(self.output, {k: shapes[k] for k in names}, dtypes, self.device, self.cache_depth)
 
     def full_feeds(self, model_feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {t.name: model_feeds[t.source] for t in self.full_io.inputs}
@@ -122,6 +144,8 @@ class StepDispatch:
                 feeds[t.name] = state.last(t.source)
             elif t.feed is Feed.CACHE_PREV:  # before two full steps ρ = 0: the last cache will do
                 feeds[t.name] = state.before_last(t.source) if state.n_full > 1 else state.last(t.source)
+            elif t.feed is Feed.CACHE_PREV2:  # before three full steps σ = 0: likewise
+                feeds[t.name] = state.ago(t.source, 2) if state.n_full > 2 else state.last(t.source)
             elif t.feed is Feed.FULL_PREV:
                 feeds[t.name] = state.prev
             elif t.feed is Feed.FULL_PREV2:

@@ -10,13 +10,15 @@ manifest's other fields describe those graphs. `check_graphs(manifest, full, cac
   exported for (model metadata `omnicache.schedule`, "FFCFC…", and `omnicache.sampling`, the
   manifest's `sampling` as JSON; `embedded_metadata` builds them), the manifest's must equal
   them. This catches every flipped schedule entry, whatever the correction.
-- The tables: `correction.coefficients`, `.blend` and `.cache_trend` equal the graph's frozen
-  `omnicache_coefficients`, `omnicache_blend` and `omnicache_cache_trend` (an absent table is all
-  zeros), and the filter masks are there exactly when the manifest's filter needs them.
+- The tables: `correction.coefficients`, `.blend`, `.cache_trend` and `.cache_trend2` equal the
+  graph's frozen `omnicache_coefficients`, `omnicache_blend`, `omnicache_cache_trend` and
+  `omnicache_cache_trend2` (an absent table, or an absent `cache_trend2`, is all zeros), and the
+  filter masks are there exactly when the manifest's filter needs them.
 - Schedule against tables: with a_i the time ratio of step i to its last two full steps (from the
   schedule and the timesteps the runtime's scheduler gives, which must be the manifest's), every
-  table is 0 at full steps and where a_i = 0, the coefficient is gamma_i * a_i, and a trend or blend
-  table in use is nonzero wherever it applies (docs/method.md, "Pass 2"). Where one flipped entry
+  table is 0 at full steps and where a_i = 0 (σ also before three full steps), the coefficient is
+  gamma_i * a_i, and a trend or blend table in use is nonzero wherever it applies
+  (docs/method.md, "Pass 2"). Where one flipped entry
   explains the disagreement, the line names that step. A graph whose tables are all zero (the
   "none" correction) says nothing about the schedule: only the embedded record checks it there.
 
@@ -41,6 +43,7 @@ from omnicache_export.runtime.manifest import Manifest, resolve_inside, unsafe_p
 COEFFICIENTS = "omnicache_coefficients"  # the names passes.cache_names gives the frozen tables
 BLEND = "omnicache_blend"
 TREND = "omnicache_cache_trend"
+TREND2 = "omnicache_cache_trend2"
 MASKS = "omnicache_filter_masks"
 SCHEDULE_KEY = "omnicache.schedule"  # model metadata of cache.onnx: the schedule it was exported for
 SAMPLING_KEY = "omnicache.sampling"  # ... and the sampling record, as JSON
@@ -306,7 +309,7 @@ def _kind(full: bool) -> str:
 def schedule_disagreement(full, timesteps, gammas, tables: Mapping[str, np.ndarray],
                           graph: str = "cache.onnx") -> tuple[int, str] | None:
     """The first step where the schedule `full` disagrees with the cache graph's `tables`
-    (coefficients, blend, trend by name, all [N]; absent = zeros) and the manifest's gammas
+    (coefficients, blend, trends by name, all [N]; absent = zeros) and the manifest's gammas
     (None: no correction): (step, what disagrees), or None. `graph`: the cache graph's file name."""
     full = np.asarray(full, bool)
     a = ratios(full, timesteps)
@@ -329,6 +332,12 @@ def schedule_disagreement(full, timesteps, gammas, tables: Mapping[str, np.ndarr
     if i is not None:
         bad.append((i, f"{graph}'s {COEFFICIENTS}[{i}] is {coef[i]:.6g}, the schedule and timesteps give "
                        f"{expected[i]:.6g} (gamma {np.nan_to_num(g[i]):.6g} x a_{i} {a[i]:.6g})"))
+    sigma = tables.get(TREND2)
+    if sigma is not None:  # the older trend needs three full steps before the step
+        i = first((np.cumsum(full) - full < 3) & (sigma != 0))
+        if i is not None:
+            bad.append((i, f"{graph}'s {TREND2}[{i}] is {sigma[i]:.6g}, but the schedule has fewer than three "
+                           f"full steps before step {i}"))
     for name in (TREND, BLEND):
         table = tables.get(name)
         if table is not None and np.any(table):
@@ -430,8 +439,9 @@ def _check_tables(folder, m: Manifest, file: str, facts: GraphFacts) -> dict[str
     n = m.sampling.n_steps
     corr = m.correction
     out = {}
-    for name, field in ((COEFFICIENTS, "coefficients"), (BLEND, "blend"), (TREND, "cache_trend")):
-        recorded = np.asarray(getattr(corr, field), np.float64)
+    for name, field in ((COEFFICIENTS, "coefficients"), (BLEND, "blend"), (TREND, "cache_trend"),
+                        (TREND2, "cache_trend2")):
+        recorded = np.asarray(getattr(corr, field) or np.zeros(n), np.float64)  # () : no such table, zeros
         table = facts.tables.get(name)
         if table is None:
             table = np.zeros(n)
@@ -469,7 +479,7 @@ def check_graphs(manifest: Manifest, full: str | Path, cache: str | Path, timest
     full, cache = Path(full), Path(cache)
     full_facts = _read(m, full, full.name)
     _check_io(folder, "full", full.name, m.graphs["full"], full_facts)
-    facts = _read(m, cache, cache.name, tables={COEFFICIENTS, BLEND, TREND}, shape_only={MASKS})
+    facts = _read(m, cache, cache.name, tables={COEFFICIENTS, BLEND, TREND, TREND2}, shape_only={MASKS})
     _check_io(folder, "cache", cache.name, m.graphs["cache"], facts)
     _check_embedded(folder, m, cache.name, facts.metadata)
     recorded = np.asarray(m.timesteps, np.float64)

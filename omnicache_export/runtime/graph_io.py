@@ -17,6 +17,7 @@ class Feed(str, enum.Enum):
     FULL_PREV2 = "full_prev2"  # ... of the full step before it
     CACHE = "cache"  # a cache tensor of the last full step; `source` names the full graph's output
     CACHE_PREV = "cache_prev"  # that cache tensor one full step earlier (the cache trend)
+    CACHE_PREV2 = "cache_prev2"  # ... two full steps earlier (the second-order cache trend)
     TABLE = "table"  # a per-step correction table, [N, ...]: an input only in calibration's graphs
     OUTPUT = "output"  # an output: the model's output
     UNCORRECTED = "uncorrected"  # an output of calibration's cache graph: õ before the correction
@@ -28,7 +29,7 @@ class TensorIO:
     dtype: str  # ONNX element type name (FLOAT, FLOAT16, INT64 ...)
     shape: tuple[int | str, ...]  # str: a symbolic dim, named the same in both graphs ("batch" …)
     feed: Feed
-    source: str | None = None  # MODEL: the model input; CACHE/CACHE_PREV/TABLE: the cache or table name
+    source: str | None = None  # MODEL: the model input; CACHE/CACHE_PREV(2)/TABLE: the cache or table name
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "feed": self.feed.value,

@@ -328,6 +328,8 @@ class Correction(_Record):
     filter: FilterParams
     stages: tuple[Stage, ...]
     filter_hw: tuple[int, int] | None  # the filtered axes of the output (its last two)
+    # σ, the second-order cache trend's table (N entries), or () where the correction has none
+    cache_trend2: tuple[float, ...] = dataclasses.field(default=(), metadata={"optional": True})
 
 
 @record
@@ -654,6 +656,9 @@ def _check_steps(m: Manifest) -> None:
     for name in ("gammas", "ratios", "coefficients", "blend", "cache_trend", "stages"):
         if len(getattr(c, name)) != n:
             raise SchemaError(f"correction.{name}", f"{len(getattr(c, name))} entries, sampling.n_steps is {n}")
+    if len(c.cache_trend2) not in (0, n):
+        raise SchemaError("correction.cache_trend2",
+                          f"{len(c.cache_trend2)} entries, sampling.n_steps is {n} (or none)")
     if c.filter_hw is not None and min(c.filter_hw) <= 0:
         raise SchemaError("correction.filter_hw", f"{list(c.filter_hw)}: must be positive")
 
@@ -721,7 +726,8 @@ def _check_io(m: Manifest) -> None:
     allowed = {  # feed kinds each place may hold
         ("full", "inputs"): {Feed.MODEL},
         ("full", "outputs"): {Feed.OUTPUT, Feed.CACHE},
-        ("cache", "inputs"): {Feed.MODEL, Feed.STEP, Feed.FULL_PREV, Feed.FULL_PREV2, Feed.CACHE, Feed.CACHE_PREV},
+        ("cache", "inputs"): {Feed.MODEL, Feed.STEP, Feed.FULL_PREV, Feed.FULL_PREV2, Feed.CACHE, Feed.CACHE_PREV,
+                              Feed.CACHE_PREV2},
         ("cache", "outputs"): {Feed.OUTPUT, Feed.UNCORRECTED},
     }
     for (graph, side), feeds in allowed.items():
@@ -732,7 +738,8 @@ def _check_io(m: Manifest) -> None:
                 raise SchemaError(f"{path}.feed", f"{t.feed.value!r} cannot be one of the {graph} graph's {side}")
             if t.feed is Feed.MODEL and t.source not in names:
                 raise SchemaError(f"{path}.source", f"{t.source!r} is not a model input")
-            if t.feed in (Feed.CACHE, Feed.CACHE_PREV) and (t.source if side == "inputs" else t.name) not in caches:
+            if (t.feed in (Feed.CACHE, Feed.CACHE_PREV, Feed.CACHE_PREV2)
+                    and (t.source if side == "inputs" else t.name) not in caches):
                 raise SchemaError(path, f"{t.name!r} is not one of model_io.cache_tensors")
         outputs = [t.name for t in tensors if t.feed is Feed.OUTPUT]
         if side == "outputs" and outputs != [io.output]:

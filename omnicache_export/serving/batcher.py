@@ -271,7 +271,7 @@ class StepBatcher:
         d = self.dispatch
         names = [d.output, *d.cache_names]
         shapes = {name: tuple(self._rows(out[name], 0, n).shape) for name in names}
-        return CacheState(d.output, shapes, {name: out[name].dtype for name in names}, d.device)
+        return CacheState(d.output, shapes, {name: out[name].dtype for name in names}, d.device, d.cache_depth)
 
     # ------------------------------------------------------------------ results
 
