@@ -407,9 +407,11 @@ SEED_PREDICTOR = ("gamma", "local least-squares")  # correction names of the see
 
 def calibration_ablation(ratio: float, manifest: dict) -> dict:
     """From the OmniCache (full) export's scored candidates (calibration samples): the best score
-    of each choice calibration made, the others left free."""
+    of each choice calibration made, the others left free. Only candidates scored on as many rows as
+    the chosen one count: successive halving stops losers after fewer rows, whose means are not comparable."""
     cands = manifest["calibration"]["candidates"]
     chosen = next(c for c in cands if c["chosen"])
+    cands = [c for c in cands if c.get("n_samples") == chosen.get("n_samples")]
 
     def best(pred) -> float | None:
         v = [c["psnr_db"] for c in cands if pred(c)]
@@ -723,12 +725,13 @@ def render(results: list[dict], meta: dict, analysis: str, img_paths: dict[str, 
                 + f". Ratios at or below 1 − 1/{GOAL_SPEEDUP:g} cannot reach {GOAL_SPEEDUP:g}× at any cost and are not listed.",
                 "", goal, ""]
     out += ["### Calibration ablations", "",
-            "Best calibration PSNR (dB, on the K = 10 calibration samples) of OmniCache (full)'s candidates, "
+            "Best calibration PSNR (dB, on the K = 10 calibration samples' choosing rows) of OmniCache (full)'s candidates "
+            "scored on all of those rows (successive halving stops others earlier), "
             "by what calibration chose among: the schedule's last step full or cached; on the chosen schedule "
             "(*), the seed's predictor (γ on the cache output, its γ fits and filters) or ours (cache trend, "
             "mix λ, γ and filters); no correction at all (any schedule); and the correction-aware DP's schedules "
             "by step-weight exponent p (`sensitivity.py`). \"chosen\" is the maximum of them all; – where no "
-            "candidate of that kind was scored (a DP whose schedule another candidate had already proposed is "
+            "candidate of that kind was scored on all those rows (a DP whose schedule another candidate had already proposed is "
             "not run twice).", "",
             calibration_table(results), ""]
     out += ["### Analysis", "", "Computed from the tables (peers that missed the target count left out of the means):", "",
@@ -787,11 +790,17 @@ models (see the Speed section).
 HIGH_RATIOS_SECTION = "Quality vs speed at cache ratios 0.7 and 0.8"
 HIGH_RATIOS_ANALYSIS = """
 **Scope of this run.** The whole grid (three reference models × 10, 20 and 50 steps × cache ratios
-0.7 and 0.8, every peer) ran, one process per model and step count (the commands above), and the
-block-skipping peers once more at r = 0.5 for the 3× check (its commands in that subsection). The
-OmniCache exports were kept in `--workdir` from this section's previous run (same weights: an export
-whose manifest exists is reused), so OmniCache's rows repeat that calibration; every peer and every
-evaluation ran anew. cache-dit's DBCache (both variants) ran in its own environment
+0.7 and 0.8, every peer) ran, one process per model and step count (the first nine commands above),
+and the block-skipping peers once more at r = 0.5 for the 3× check (its commands in that subsection).
+OmniCache's three variants were then recalibrated with the current calibration (second-order cache
+trend among the predictor candidates; the halving policy; the reported "held out" figure on half of
+the K = 10 rows at 3 noise seeds) and evaluated again, one process per model and step count with
+`--methods OmniCache` (the last nine commands), after their old exports were deleted from the
+`--workdir` (a first pass of the same nine commands calibrated them; the pass shown reused those
+exports and re-evaluated them); `--render` merges the runs, a later run's rows replacing the earlier rows of the same
+method and ratio. So OmniCache's rows, the no-cache rows and the calibration ablations come from the
+reruns, the peers' rows from the first runs; each speedup is against the no-cache run of its own
+process. cache-dit's DBCache (both variants) ran in its own environment
 (`python3 -m venv /tmp/cachedit-venv && /tmp/cachedit-venv/bin/pip install torch==2.13.0 cache-dit
 'diffusers==0.42.*'`) on DiT and PixArt; it refuses LatteTransformer3DModel (its message is in the
 latte tables; no cache-dit BlockAdapter was written for Latte's alternating spatial and temporal
@@ -805,7 +814,7 @@ and cache-dit's DBCache + TaylorSeer.
 OmniCache at 0.7 and at 0.8 in every cell (the 3× subsection): the full steps a peer keeps at 2× are
 worth more than what OmniCache's correction recovers over runs of three and four cached steps. At
 r = 0.7 the predicted speedup is below 3× wherever the cache graph's measured cost is above 1/21 of
-a full step (every DiT and PixArt export here), and the table names the ratio that reaches 3×. The
+a full step (every export of this run), and the table names the ratio that reaches 3×. The
 cost ratio is timed by each export on shared cores, where a cached step of these models takes a
 fraction of a millisecond, so it varies between exports of one model (the column); the check takes
 it as the manifest records it.
@@ -942,11 +951,25 @@ def _run(a, models, steps, ratios, spc, methods, log, argv) -> int:
 
 def merged_runs(paths: list[Path]) -> dict:
     """Several --json files as one: their blocks in order, their commands joined, their seconds summed
-    (the rest of the meta: the last file's)."""
+    (the rest of the meta: the last file's). Blocks of one model and step count become one: a later
+    file's rows replace the earlier rows of the same method and ratio (a rerun of some methods, e.g.
+    `--methods OmniCache`, updates those rows and leaves the others), the rest are appended."""
     runs = [json.loads(Path(f).read_text()) for f in paths]
     meta = dict(runs[-1]["meta"], command="; ".join(r["meta"]["command"] for r in runs),
                 seconds=sum(r["meta"]["seconds"] for r in runs))
-    return {"meta": meta, "results": [b for r in runs for b in r["results"]]}
+    blocks: dict[tuple, dict] = {}
+    for b in (b for r in runs for b in r["results"]):
+        key = (b["model"], b["steps"])
+        if key not in blocks:
+            blocks[key] = dict(b, rows=list(b["rows"]), calibration=list(b.get("calibration", [])))
+            continue
+        into = blocks[key]
+        into.update({k: v for k, v in b.items() if k not in ("rows", "calibration")})
+        for field, ident in (("rows", lambda x: (x["method"], x["ratio"])), ("calibration", lambda x: x["ratio"])):
+            later = {ident(x): x for x in b.get(field, [])}
+            kept = [later.pop(ident(x), x) for x in into[field]]
+            into[field] = kept + list(later.values())
+    return {"meta": meta, "results": list(blocks.values())}
 
 
 def write_report(a, results: list[dict], meta: dict, log, reference: list[dict] = ()) -> None:
