@@ -62,14 +62,16 @@ class Engine(abc.ABC):
 
     backend: str = "abstract"
     device: torch.device
+    _inputs: list[TensorSpec]  # set by each backend when it loads the graph
+    _outputs: list[TensorSpec]
 
     @property
-    @abc.abstractmethod
-    def inputs(self) -> list[TensorSpec]: ...
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
 
     @property
-    @abc.abstractmethod
-    def outputs(self) -> list[TensorSpec]: ...
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
 
     @abc.abstractmethod
     def runner(self) -> Runner:

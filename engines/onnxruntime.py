@@ -111,14 +111,6 @@ class OnnxRuntimeEngine(Engine):
                              f"(supported: {', '.join(_TYPES)})")
         return TensorSpec(arg.name, _TYPES[arg.type][0], tuple(arg.shape))
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def runner(self) -> OnnxRuntimeRunner:
         return OnnxRuntimeRunner(self)
 

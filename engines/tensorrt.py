@@ -138,14 +138,6 @@ class TensorRtEngine(Engine):
             for p in range(engine.num_optimization_profiles)]
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
-    @property
     def device_memory_bytes(self) -> int:
         """Activation memory one context needs (the largest over the profiles)."""
         return engine_device_memory_bytes(self.plan)

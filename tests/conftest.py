@@ -31,6 +31,21 @@ def run_ort(path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, wanted)))
 
 
+def doubling_head(path, dtype) -> None:
+    """A cache graph's smallest head, out_sample = 2 · omnicache_cache ([2, 3], `dtype`), saved at `path`."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["omnicache_cache", "two"], ["out_sample"])], "head",
+        [helper.make_tensor_value_info("omnicache_cache", elem, [2, 3])],
+        [helper.make_tensor_value_info("out_sample", elem, [2, 3])],
+        [numpy_helper.from_array(np.array(2, dtype), "two")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+
+
 def max_rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / max(float(np.abs(expected).max()), 1e-12))
 

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import max_rel_err, run_ort
+from conftest import doubling_head, max_rel_err, run_ort
 from omnicache_export.calibration.correction import Correction, CorrectionTables, TrendFit, trend_weights
 from omnicache_export.graph.embed import build_cache_graph, freeze_cache_graph
 from omnicache_export.passes.cache_names import (
@@ -114,16 +114,7 @@ def test_trend2_only_when_asked(history):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_16_bit_caches_computed_in_float32(dtype, tmp_path):
-    from onnx import helper, numpy_helper
-
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["omnicache_cache", "two"], ["out_sample"])], "head",
-        [helper.make_tensor_value_info("omnicache_cache", elem, [2, 3])],
-        [helper.make_tensor_value_info("out_sample", elem, [2, 3])],
-        [numpy_helper.from_array(np.array(2, dtype), "two")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), tmp_path / "h.onnx")
+    doubling_head(tmp_path / "h.onnx", dtype)
     model = ir.load(tmp_path / "h.onnx")
     ExtrapolateCachePass(["omnicache_cache"], 2, second_order=True)(model)
     FreezeTablesPass({TREND: np.array([0.0, 0.75], np.float32), TREND2: np.array([0.0, -0.5], np.float32)})(model)

@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from conftest import max_rel_err, run_ort
+from conftest import doubling_head, max_rel_err, run_ort
 from omnicache_export.graph.embed import build_cache_graph, freeze_cache_graph
 from omnicache_export.passes.cache_names import (
     BLEND, COEFFICIENTS, FULL_PREV, FULL_PREV2, MASKS, STEP, TREND, prev_cache_name,
@@ -143,16 +143,7 @@ def test_requires_rejects_bad_arguments(split_case):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_dtypes(dtype, tmp_path):
     """A head that doubles the cache: out = 2 R̂, with the trend computed in float32 for 16-bit caches."""
-    from onnx import helper, numpy_helper
-
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["omnicache_cache", "two"], ["out_sample"])], "head",
-        [helper.make_tensor_value_info("omnicache_cache", elem, [2, 3])],
-        [helper.make_tensor_value_info("out_sample", elem, [2, 3])],
-        [numpy_helper.from_array(np.array(2, dtype), "two")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), tmp_path / "h.onnx")
+    doubling_head(tmp_path / "h.onnx", dtype)
     trend = np.array([0.0, 0.75], np.float32)
     parametric, frozen = extrapolated(tmp_path / "h.onnx", tmp_path, ["omnicache_cache"], trend)
     rng = np.random.default_rng(1)

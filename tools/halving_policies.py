@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omnicache_export.calibration.halving import DEFAULT_POLICY, HalvingPolicy  # noqa: E402
+from omnicache_export.calibration.halving import DEFAULT_POLICY, HalvingPolicy, play_rounds  # noqa: E402
 
 
 def _mean(scores: np.ndarray) -> float:
@@ -34,21 +34,15 @@ def _mean(scores: np.ndarray) -> float:
 
 
 def tournament(policy: HalvingPolicy, scores: list[np.ndarray]) -> tuple[list[int], int]:
-    """As `Scorer.tournament`: the indices scored on every row, and the rows scored."""
+    """As `Scorer.tournament` (the same `play_rounds`): the indices scored on every row, and the rows scored."""
     if not scores:
         return [], 0
-    n_rows = len(scores[0])
     seen = [0] * len(scores)
-    alive = list(range(len(scores)))
-    for size in policy.rounds(n_rows):
-        for i in alive:
-            seen[i] = max(seen[i], size)
-        if size == n_rows or len(alive) <= policy.min_keep:
-            break
-        going = policy.going_on([_mean(scores[i][:size]) for i in alive])
-        alive = [alive[j] for j in sorted(going.tolist())]
-    for i in alive:
-        seen[i] = n_rows
+
+    def extend(i: int, size: int) -> None:
+        seen[i] = max(seen[i], size)
+
+    alive = play_rounds(policy, policy.rounds(len(scores[0])), len(scores), extend, lambda i: _mean(scores[i][:seen[i]]))
     return alive, sum(seen)
 
 

@@ -39,7 +39,7 @@ from omnicache_export.calibration.correction import (
     run_position_scale,
 )
 from omnicache_export.calibration.filters import candidate_grid
-from omnicache_export.calibration.halving import DEFAULT_POLICY, HalvingPolicy, ScoringCost
+from omnicache_export.calibration.halving import DEFAULT_POLICY, HalvingPolicy, ScoringCost, play_rounds
 from omnicache_export.calibration.validation import (
     DEFAULT_SEEDS,
     DEFAULT_SHARE,
@@ -369,21 +369,17 @@ class Scorer:
         self.candidates += batch
         for c in batch:
             self.cost.candidate(len(self.rows), c.schedule.n_steps)
-        alive = batch
         bar = tqdm(total=len(batch), desc=desc, disable=not progress)
-        for size in self.rounds:
-            for c in alive:
-                self._extend(c, size)
-                bar.update(1 if size == self.rounds[0] else 0)
-            if size == len(self.rows) or len(alive) <= self.policy.min_keep:
-                break
-            going = set(self.policy.going_on([c.rank for c in alive]).tolist())
-            for i, c in enumerate(alive):
-                if i not in going:
-                    c.final = None
-            alive = [c for i, c in enumerate(alive) if i in going]
-        for c in alive:  # the last survivors skip to every row
-            self._extend(c, len(self.rows))
+        first = self.rounds[0]
+
+        def extend(i: int, size: int) -> None:
+            self._extend(batch[i], size)
+            bar.update(1 if size == first else 0)
+
+        def dropped(i: int) -> None:  # a loser's latents are not kept
+            batch[i].final = None
+
+        play_rounds(self.policy, self.rounds, len(batch), extend, lambda i: batch[i].rank, dropped)
         bar.close()
         self._keep_best_final()
         return batch

@@ -10,6 +10,7 @@ gives it; the losers stop early. Cost is counted in model evaluations, one per s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -52,6 +53,30 @@ class HalvingPolicy:
             near = int(np.sum(ranks >= ranks[order[0]] - self.margin_db))
             keep = max(keep, min(near, int(n * self.max_keep)))
         return order[:min(n, keep)]
+
+
+def play_rounds(policy: HalvingPolicy, rounds: list[int], n: int, extend: Callable[[int, int], None],
+                rank: Callable[[int], float], dropped: Callable[[int], None] = lambda i: None) -> list[int]:
+    """The rounds of one batch of `n` candidates (`rounds`: the rows scored after each, the last all
+    of them; `policy.rounds(n_rows)`, or `[n_rows]` for exhaustive scoring): `extend(i, size)` scores
+    candidate i on the first `size` rows (those it has not seen), `rank(i)` is its mean on them,
+    `dropped(i)` is told when it stops. Returns the survivors' indices, in batch order, each scored
+    on every row."""
+    n_rows = rounds[-1]
+    alive = list(range(n))
+    for size in rounds:
+        for i in alive:
+            extend(i, size)
+        if size == n_rows or len(alive) <= policy.min_keep:
+            break
+        going = set(policy.going_on([rank(i) for i in alive]).tolist())
+        for j, i in enumerate(alive):
+            if j not in going:
+                dropped(i)
+        alive = [i for j, i in enumerate(alive) if j in going]
+    for i in alive:  # the last survivors skip to every row
+        extend(i, n_rows)
+    return alive
 
 
 # The defaults above are the first policy: one row first, half going on. It often lost the

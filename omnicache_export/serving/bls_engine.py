@@ -40,14 +40,6 @@ class BlsEngine(Engine):
         self._outputs = [TensorSpec(t.name, torch_dtype(t.dtype), tuple(t.shape)) for t in io.outputs]
         self._shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}  # output shapes per input shapes
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def runner(self) -> BlsRunner:
         return BlsRunner(self)
 
